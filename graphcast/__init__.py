@@ -1,0 +1,1 @@
+"""GraphCast in JAX + haiku + jraph, parameter-compatible with the official checkpoints."""

@@ -1,0 +1,91 @@
+"""The GraphCast network: grid -> mesh encoder, mesh processor, mesh -> grid decoder.
+
+`GraphCastNetwork` maps the stacked, normalized grid inputs `[Ng, B, C]` to the
+normalized outputs `[Ng, B, O]` for one 6-hour step. It is a plain object that
+creates its three haiku modules (`grid2mesh_gnn`, `mesh_gnn`, `mesh2grid_gnn`) at
+the top level of the transformed function, as the official parameter paths require.
+"""
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from graphcast import config as config_lib
+from graphcast import graphs as graphs_lib
+from graphcast import typed_graph_net
+
+GRID = "grid_nodes"
+MESH = "mesh_nodes"
+
+
+class GraphCastNetwork:
+    """One prediction step of GraphCast on node-major arrays.
+
+    Args:
+      model_config: network sizes.
+      task_config: decides the number of output channels.
+      graphs: the static grid/mesh graphs and their structural features.
+      dtype: activation dtype (float32, or bfloat16 for the mixed-precision path).
+      split_first_layer: see `typed_graph_net.TypedGraphNet`.
+    """
+
+    def __init__(self, model_config: config_lib.ModelConfig, task_config: config_lib.TaskConfig,
+                 graphs: graphs_lib.StaticGraphs, dtype=jnp.float32, split_first_layer: bool = True):
+        self._config = model_config
+        self._num_outputs = task_config.num_outputs()
+        self._graphs = graphs
+        self._dtype = dtype
+        self._split_first_layer = split_first_layer
+
+    def _gnn(self, name, **kwargs):
+        return typed_graph_net.TypedGraphNet(
+            name=name, latent_size=self._config.latent_size,
+            hidden_layers=self._config.hidden_layers, split_first_layer=self._split_first_layer,
+            **kwargs)
+
+    def _edge_set(self, sender_set, receiver_set, senders, receivers, features):
+        # Static features are cast straight from their stored dtype (float64 for edges) to the
+        # activation dtype and stay batch independent: [E, 1, F].
+        return typed_graph_net.EdgeSet(
+            sender_set=sender_set, receiver_set=receiver_set,
+            senders=jnp.asarray(senders, jnp.int32), receivers=jnp.asarray(receivers, jnp.int32),
+            features=jnp.asarray(np.asarray(features).astype(self._dtype))[:, None, :])
+
+    def __call__(self, grid_inputs: jax.Array) -> jax.Array:
+        """[Ng, B, C] normalized inputs and forcings -> [Ng, B, O] normalized outputs."""
+        g = self._graphs
+        num_grid, batch, channels = grid_inputs.shape
+        grid_static = jnp.asarray(g.grid_node_features.astype(self._dtype))   # [Ng, 3]
+        mesh_static = jnp.asarray(g.mesh_node_features.astype(self._dtype))   # [Nm, 3]
+
+        # Encoder inputs: grid data + structural features; mesh nodes get zeros of the same
+        # width, so both node sets feed an embedding MLP of width C + 3.
+        grid_nodes = jnp.concatenate(
+            [grid_inputs.astype(self._dtype),
+             jnp.broadcast_to(grid_static[:, None, :], (num_grid, batch, 3))], axis=-1)
+        mesh_nodes = jnp.concatenate(
+            [jnp.zeros((g.num_mesh_nodes, 1, channels), self._dtype), mesh_static[:, None, :]],
+            axis=-1)  # [Nm, 1, C + 3]
+
+        encoded = self._gnn(
+            "grid2mesh_gnn", edge_sets=("grid2mesh",), node_sets=(GRID, MESH), num_steps=1,
+            embed_nodes=True, f32_aggregation=True,
+        )({GRID: grid_nodes, MESH: mesh_nodes},
+          {"grid2mesh": self._edge_set(GRID, MESH, g.grid2mesh_senders, g.grid2mesh_receivers,
+                                       g.grid2mesh_edge_features)})
+
+        processed = self._gnn(
+            "mesh_gnn", edge_sets=("mesh",), node_sets=(MESH,),
+            num_steps=self._config.gnn_msg_steps, embed_nodes=False,
+        )({MESH: encoded[MESH]},
+          {"mesh": self._edge_set(MESH, MESH, g.mesh_senders, g.mesh_receivers,
+                                  g.mesh_edge_features)})
+
+        decoded = self._gnn(
+            "mesh2grid_gnn", edge_sets=("mesh2grid",), node_sets=(GRID, MESH), num_steps=1,
+            embed_nodes=False, node_output_sizes={GRID: self._num_outputs},
+        )({GRID: encoded[GRID], MESH: processed[MESH]},
+          {"mesh2grid": self._edge_set(MESH, GRID, g.mesh2grid_senders, g.mesh2grid_receivers,
+                                       g.mesh2grid_edge_features)})
+        return decoded[GRID]

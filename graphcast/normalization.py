@@ -1,0 +1,117 @@
+"""Normalization of inputs and forcings, and residual targets.
+
+Inputs and forcings are normalized with `(x - mean) / stddev`. A target that is
+also an input is predicted as a residual of its last input frame, scaled by the
+standard deviation of 6-hour differences (no mean); a target that is not an input
+is predicted directly with the input statistics. Everything runs in float32.
+"""
+
+import dataclasses
+import os
+from typing import Mapping
+
+import jax
+import numpy as np
+import xarray as xr
+
+from graphcast import config as config_lib
+
+STATS_FILES = {"mean": "mean_by_level.nc", "stddev": "stddev_by_level.nc",
+               "diffs_stddev": "diffs_stddev_by_level.nc"}
+
+
+class StatsError(ValueError):
+    """Normalization statistics that do not cover the task."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Stats:
+    """Per-variable statistics as float32 arrays: scalars, or `[L]` in task level order."""
+    mean: Mapping[str, np.ndarray]
+    stddev: Mapping[str, np.ndarray]
+    diffs_stddev: Mapping[str, np.ndarray]
+
+
+def required_statistics(task_config: config_lib.TaskConfig) -> dict:
+    """Which variables each statistics file must provide for this task."""
+    inputs = set(task_config.input_variables)
+    direct_targets = set(task_config.target_variables) - inputs
+    return {
+        "mean": sorted(inputs | set(task_config.forcing_variables) | direct_targets),
+        "stddev": sorted(inputs | set(task_config.forcing_variables) | direct_targets),
+        "diffs_stddev": sorted(set(task_config.target_variables) & inputs),
+    }
+
+
+def stats_from_datasets(datasets: Mapping[str, xr.Dataset], task_config: config_lib.TaskConfig,
+                        source: str = "statistics") -> Stats:
+    """Selects the task's variables and levels (by value, in task order) from the three datasets."""
+    levels = list(task_config.pressure_levels)
+    selected = {}
+    for kind, names in required_statistics(task_config).items():
+        ds = datasets[kind]
+        where = f"{source}/{STATS_FILES[kind]}"
+        missing = [v for v in names if v not in ds.data_vars]
+        if missing:
+            raise StatsError(f"{where} has no statistics for {missing}; recompute the statistics "
+                             "(python -m data.stats) for this task's variables.")
+        values = {}
+        for v in names:
+            da = ds[v]
+            if "level" in da.dims:
+                absent = sorted(set(levels) - set(int(x) for x in da["level"].values))
+                if absent:
+                    raise StatsError(f"{where}: variable {v!r} has no statistics for pressure "
+                                     f"levels {absent} (it has {[int(x) for x in da['level'].values]}).")
+                da = da.sel(level=levels)
+            values[v] = np.asarray(da.values, dtype=np.float32)
+        selected[kind] = values
+    return Stats(**selected)
+
+
+def load_stats(stats_dir: str, task_config: config_lib.TaskConfig) -> Stats:
+    """Reads `mean_by_level.nc`, `stddev_by_level.nc`, `diffs_stddev_by_level.nc` from a folder."""
+    datasets = {}
+    for kind, filename in STATS_FILES.items():
+        path = os.path.join(stats_dir, filename)
+        if not os.path.exists(path):
+            raise StatsError(f"Normalization statistics file {path} does not exist; expected "
+                             f"{sorted(STATS_FILES.values())} in {stats_dir}.")
+        datasets[kind] = xr.load_dataset(path)
+    return stats_from_datasets(datasets, task_config, source=stats_dir)
+
+
+def _broadcastable(stat: np.ndarray, x: jax.Array) -> np.ndarray:
+    """A `[L]` statistic against `[..., L, H, W]` data; scalars as they are."""
+    return stat.reshape(stat.shape + (1, 1)) if stat.ndim == 1 else stat
+
+
+def normalize(arrays: Mapping[str, jax.Array], stats: Stats) -> dict:
+    """`(x - mean) / stddev` for every variable (inputs and forcings)."""
+    return {v: (x - _broadcastable(stats.mean[v], x)) / _broadcastable(stats.stddev[v], x)
+            for v, x in arrays.items()}
+
+
+def normalize_targets(targets: Mapping[str, jax.Array], inputs: Mapping[str, jax.Array],
+                      stats: Stats) -> dict:
+    """Targets in the network's output space: residuals of the last input frame where possible."""
+    result = {}
+    for v, t in targets.items():
+        if v in inputs:
+            last = inputs[v][:, -1:]
+            result[v] = (t - last) / _broadcastable(stats.diffs_stddev[v], t)
+        else:
+            result[v] = (t - _broadcastable(stats.mean[v], t)) / _broadcastable(stats.stddev[v], t)
+    return result
+
+
+def denormalize_outputs(outputs: Mapping[str, jax.Array], inputs: Mapping[str, jax.Array],
+                        stats: Stats) -> dict:
+    """Network outputs -> physical predictions (inverse of `normalize_targets`)."""
+    result = {}
+    for v, y in outputs.items():
+        if v in inputs:
+            result[v] = y * _broadcastable(stats.diffs_stddev[v], y) + inputs[v][:, -1:]
+        else:
+            result[v] = y * _broadcastable(stats.stddev[v], y) + _broadcastable(stats.mean[v], y)
+    return result

@@ -1,0 +1,188 @@
+"""The trainable predictor: normalization, one-step network, autoregressive rollout and loss.
+
+`Predictor` turns host-layout batches (see `graphcast.stacking`) into predictions and
+into GraphCast's multi-step training loss. Each step normalizes the current input
+window and the step's forcings, runs the network, turns its outputs into physical
+predictions (residuals of the last input frame where the target is also an input),
+and rolls the window forward with its own predictions and the next forcings. The
+multi-step loss is the mean of the per-step losses, with gradients through time.
+"""
+
+import contextlib
+from typing import Mapping, Optional
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from graphcast import config as config_lib
+from graphcast import graphs as graphs_lib
+from graphcast import losses
+from graphcast import model
+from graphcast import normalization
+from graphcast import stacking
+
+Arrays = Mapping[str, jax.Array]
+
+
+def _float32_params_as(dtype):
+    """Parameters stored in float32 but read in `dtype` (the mixed-precision path)."""
+
+    def creator(next_creator, shape, param_dtype, init, context):
+        del param_dtype, context
+        return next_creator(shape, jnp.float32, init)
+
+    def getter(next_getter, value, context):
+        value = next_getter(value)
+        return value.astype(dtype) if context.original_dtype == dtype else value
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(hk.custom_creator(creator))
+    stack.enter_context(hk.custom_getter(getter))
+    return stack
+
+
+class Predictor:
+    """GraphCast with normalization and autoregressive rollout, as pure functions of params.
+
+    Args:
+      model_config, task_config: the model and what it reads and predicts.
+      stats: normalization statistics covering the task (`normalization.load_stats`).
+      grid_lat, grid_lon: the data grid (lat ascending as stored, lon ascending), degrees.
+      bf16: run the network in bfloat16 (parameters stay float32; aggregation on the
+        encoder, normalization, residuals and loss stay float32).
+      remat_steps: rematerialize each autoregressive step in the backward pass.
+      split_first_layer: see `typed_graph_net.TypedGraphNet` (same function, faster).
+      graphs: prebuilt static graphs (built, or read from `graph_cache_dir`, if absent).
+    """
+
+    def __init__(self, model_config: config_lib.ModelConfig,
+                 task_config: config_lib.TaskConfig, stats: normalization.Stats,
+                 grid_lat: np.ndarray, grid_lon: np.ndarray, *, bf16: bool = False,
+                 remat_steps: bool = True, split_first_layer: bool = True,
+                 graphs: Optional[graphs_lib.StaticGraphs] = None,
+                 graph_cache_dir: Optional[str] = None):
+        self.model_config = model_config
+        self.task_config = task_config
+        self.stats = stats
+        self.grid_lat = np.asarray(grid_lat, np.float32)
+        self.grid_lon = np.asarray(grid_lon, np.float32)
+        self.bf16 = bf16
+        self.remat_steps = remat_steps
+        self.split_first_layer = split_first_layer
+        self.graphs = graphs if graphs is not None else graphs_lib.build_graphs(
+            model_config, self.grid_lat, self.grid_lon, cache_dir=graph_cache_dir)
+        self._variable_weights = task_config.variable_loss_weights()
+        self._loss_fn = hk.transform(self._loss)
+        self._predict_fn = hk.transform(self._predict)
+
+    # Public pure functions ---------------------------------------------------------------
+
+    def init(self, rng: jax.Array, batch: Mapping[str, Arrays]) -> hk.Params:
+        """Fresh parameters (haiku's default initializers) with the official paths."""
+        return self._loss_fn.init(rng, batch["inputs"], batch["targets"], batch["forcings"])
+
+    def loss(self, params: hk.Params, batch: Mapping[str, Arrays]):
+        """Scalar loss (mean over batch and steps) and `{target: scalar}` diagnostics."""
+        per_example, diagnostics = self._loss_fn.apply(
+            params, None, batch["inputs"], batch["targets"], batch["forcings"])
+        return jnp.mean(per_example), {v: jnp.mean(d) for v, d in diagnostics.items()}
+
+    def loss_per_example(self, params: hk.Params, batch: Mapping[str, Arrays]):
+        """`([B], {target: [B]})`: the loss before averaging over the batch."""
+        return self._loss_fn.apply(params, None, batch["inputs"], batch["targets"],
+                                   batch["forcings"])
+
+    def predict(self, params: hk.Params, inputs: Arrays, forcings: Arrays,
+                num_steps: Optional[int] = None) -> dict:
+        """`{target: [B, steps, (L,) H, W]}`; steps = the forcings' time axis unless given."""
+        return self._predict_fn.apply(params, None, inputs, forcings, num_steps)
+
+    # Inside the haiku transforms -----------------------------------------------------------
+
+    def _precision(self):
+        return _float32_params_as(jnp.bfloat16) if self.bf16 else contextlib.nullcontext()
+
+    def _split_inputs(self, inputs: Arrays):
+        """(static inputs, inputs that roll forward in time); rejects other time-dependent ones."""
+        rolling_names = set(self.task_config.target_variables) | set(
+            self.task_config.forcing_variables)
+        static, rolling = {}, {}
+        for v, x in inputs.items():
+            if v in rolling_names:
+                rolling[v] = x
+            elif x.ndim > 3:
+                raise config_lib.TaskConfigError(
+                    f"Input variable {v!r} has a time axis (shape {x.shape}) but is neither a target "
+                    "nor a forcing, so it cannot be fed back autoregressively. Add it to "
+                    "TaskConfig.target_variables or forcing_variables, or supply it as a static "
+                    "[batch, lat, lon] field.")
+            else:
+                static[v] = x
+        return static, rolling
+
+    def _network_outputs(self, inputs: Arrays, forcings: Arrays) -> dict:
+        """One step in normalized space: `{target: [B, 1, (L,) H, W]}` float32."""
+        norm_inputs = normalization.normalize(inputs, self.stats)
+        norm_forcings = normalization.normalize(forcings, self.stats)
+        grid_inputs = stacking.stack_to_grid_nodes(norm_inputs, norm_forcings)  # [Ng, B, C]
+        dtype = jnp.bfloat16 if self.bf16 else jnp.float32
+        network = model.GraphCastNetwork(self.model_config, self.task_config, self.graphs,
+                                         dtype=dtype, split_first_layer=self.split_first_layer)
+        with self._precision():
+            outputs = network(grid_inputs.astype(dtype))                       # [Ng, B, O]
+        return stacking.unstack_from_grid_nodes(
+            outputs.astype(jnp.float32), self.task_config,
+            (self.grid_lat.size, self.grid_lon.size))
+
+    def _advance(self, rolling: Arrays, predictions: Arrays, forcings: Arrays) -> dict:
+        """Drops the oldest frame and appends the newest (predicted or forced) one."""
+        newest = {**predictions, **forcings}
+        return {v: jnp.concatenate([x[:, 1:], newest[v]], axis=1) for v, x in rolling.items()}
+
+    def _scan(self, body, rolling, xs, num_steps):
+        if self.remat_steps and num_steps > 1:
+            body = hk.remat(body)
+        return hk.scan(body, rolling, xs, length=num_steps)
+
+    @staticmethod
+    def _per_step(arrays: Arrays) -> dict:
+        """[B, T, ...] -> [T, B, 1, ...], the scanned layout."""
+        return {v: jnp.moveaxis(x, 1, 0)[:, :, None] for v, x in arrays.items()}
+
+    def _predict(self, inputs: Arrays, forcings: Arrays, num_steps: Optional[int]):
+        static, rolling = self._split_inputs(inputs)
+        if num_steps is None:
+            if not forcings:
+                raise ValueError("predict() needs num_steps when the task has no forcings.")
+            num_steps = next(iter(forcings.values())).shape[1]
+
+        def step(rolling, forcings_t):
+            current = {**static, **rolling}
+            predictions = normalization.denormalize_outputs(
+                self._network_outputs(current, forcings_t), current, self.stats)
+            return self._advance(rolling, predictions, forcings_t), predictions
+
+        _, predictions = self._scan(step, rolling, self._per_step(forcings), num_steps)
+        return {v: jnp.moveaxis(p[:, :, 0], 0, 1) for v, p in predictions.items()}
+
+    def _loss(self, inputs: Arrays, targets: Arrays, forcings: Arrays):
+        static, rolling = self._split_inputs(inputs)
+        num_steps = next(iter(targets.values())).shape[1]
+
+        def step(rolling, targets_and_forcings):
+            targets_t, forcings_t = targets_and_forcings
+            current = {**static, **rolling}
+            outputs = self._network_outputs(current, forcings_t)
+            per_variable = losses.weighted_mse_per_variable(
+                outputs, normalization.normalize_targets(targets_t, current, self.stats),
+                self.grid_lat, self.task_config.pressure_levels)
+            loss = losses.weighted_sum(per_variable, self._variable_weights)
+            predictions = normalization.denormalize_outputs(outputs, current, self.stats)
+            return self._advance(rolling, predictions, forcings_t), (loss, per_variable)
+
+        _, (step_losses, step_diagnostics) = self._scan(
+            step, rolling, (self._per_step(targets), self._per_step(forcings)), num_steps)
+        return (jnp.mean(step_losses, axis=0),
+                {v: jnp.mean(d, axis=0) for v, d in step_diagnostics.items()})
