@@ -1,0 +1,144 @@
+"""Time and size one GraphCast training step (loss, gradients, AdamW update).
+
+    python benchmarks/train_step.py --resolution 1.0 --levels 13 --mesh-size 4 --latent 64 \
+        --msg-steps 4 --hidden-layers 1 --batch 1 --ar-steps 1 --iters 5 [--bf16] [--json]
+
+`--compile-only` lowers and compiles with abstract parameters and batch, so full-size
+configurations can be sized on a small machine (XLA's memory analysis: temp, argument,
+output bytes). Random data and unit statistics: the figures depend only on shapes.
+"""
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from graphcast import config as config_lib
+from graphcast import normalization
+from graphcast import rollout
+
+
+def bench_task(levels: int) -> config_lib.TaskConfig:
+    return dataclasses.replace(config_lib.TASK_13, pressure_levels=config_lib.PRESSURE_LEVELS[levels])
+
+
+def unit_stats(task: config_lib.TaskConfig) -> normalization.Stats:
+    names = set(task.input_variables) | set(task.target_variables) | set(task.forcing_variables)
+    levels = len(task.pressure_levels)
+    shape = lambda v: (levels,) if v in config_lib.ALL_ATMOSPHERIC_VARS else ()
+    ones = {v: np.ones(shape(v), np.float32) for v in names}
+    zeros = {v: np.zeros(shape(v), np.float32) for v in names}
+    return normalization.Stats(mean=zeros, stddev=ones, diffs_stddev=ones)
+
+
+def batch_shapes(task, batch, ar_steps, height, width) -> dict:
+    levels = len(task.pressure_levels)
+
+    def shape(v, steps):
+        if v in config_lib.STATIC_VARS:
+            return (batch, height, width)
+        if v in config_lib.ALL_ATMOSPHERIC_VARS:
+            return (batch, steps, levels, height, width)
+        return (batch, steps, height, width)
+
+    return {
+        "inputs": {v: shape(v, task.num_input_frames) for v in task.input_variables},
+        "targets": {v: shape(v, ar_steps) for v in task.target_variables},
+        "forcings": {v: shape(v, ar_steps) for v in task.forcing_variables},
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--resolution", type=float, default=1.0)
+    p.add_argument("--levels", type=int, default=13, choices=sorted(config_lib.PRESSURE_LEVELS))
+    p.add_argument("--mesh-size", type=int, default=4)
+    p.add_argument("--latent", type=int, default=64)
+    p.add_argument("--msg-steps", type=int, default=4)
+    p.add_argument("--hidden-layers", type=int, default=1)
+    p.add_argument("--radius-fraction", type=float, default=0.6)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--ar-steps", type=int, default=1)
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--remat", choices=["none", "steps"], default="steps",
+                   help="rematerialization policy: none, or per autoregressive step")
+    p.add_argument("--plain", action="store_true",
+                   help="concatenate-then-multiply edge MLPs (the reference's formulation)")
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--compile-only", action="store_true")
+    p.add_argument("--graph-cache-dir", default=None)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+
+    model_config = config_lib.ModelConfig(
+        resolution=args.resolution, mesh_size=args.mesh_size, latent_size=args.latent,
+        gnn_msg_steps=args.msg_steps, hidden_layers=args.hidden_layers,
+        radius_query_fraction_edge_length=args.radius_fraction)
+    task = bench_task(args.levels)
+    lat = np.linspace(-90, 90, int(round(180 / args.resolution)) + 1, dtype=np.float32)
+    lon = np.arange(0, 360, args.resolution, dtype=np.float32)
+    t0 = time.perf_counter()
+    predictor = rollout.Predictor(model_config, task, unit_stats(task), lat, lon, bf16=args.bf16,
+                                  remat_steps=args.remat == "steps",
+                                  split_first_layer=not args.plain,
+                                  graph_cache_dir=args.graph_cache_dir)
+    graph_s = time.perf_counter() - t0
+
+    shapes = batch_shapes(task, args.batch, args.ar_steps, lat.size, lon.size)
+    abstract_batch = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), shapes,
+                                  is_leaf=lambda x: isinstance(x, tuple))
+    optimizer = optax.adamw(1e-3, b1=0.9, b2=0.95, weight_decay=0.1)
+
+    def train_step(params, opt_state, batch):
+        (loss, _), grads = jax.value_and_grad(predictor.loss, has_aux=True)(params, batch)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    abstract_params = jax.eval_shape(predictor.init, jax.random.PRNGKey(0), abstract_batch)
+    abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+    step = jax.jit(train_step, donate_argnums=(0, 1))
+    t0 = time.perf_counter()
+    compiled = step.lower(abstract_params, abstract_opt, abstract_batch).compile()
+    compile_s = time.perf_counter() - t0
+    memory = compiled.memory_analysis()
+    result = {
+        "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract_params))),
+        "graph_build_s": graph_s,
+        "compile_s": compile_s,
+        "temp_bytes": int(memory.temp_size_in_bytes),
+        "argument_bytes": int(memory.argument_size_in_bytes),
+        "output_bytes": int(memory.output_size_in_bytes),
+        "alias_bytes": int(memory.alias_size_in_bytes),
+        "config": vars(args),
+    }
+    if not args.compile_only:
+        rng = np.random.default_rng(0)
+        batch = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s, np.float32)), shapes,
+                             is_leaf=lambda x: isinstance(x, tuple))
+        params = predictor.init(jax.random.PRNGKey(0), batch)
+        opt_state = optimizer.init(params)
+        params, opt_state, loss = compiled(params, opt_state, batch)  # warm-up
+        loss.block_until_ready()
+        times = []
+        for _ in range(args.iters):
+            t0 = time.perf_counter()
+            params, opt_state, loss = compiled(params, opt_state, batch)
+            loss.block_until_ready()
+            times.append(time.perf_counter() - t0)
+        result.update(step_s_median=statistics.median(times), step_s_min=min(times),
+                      loss=float(loss))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>16}: {value}")
+
+
+if __name__ == "__main__":
+    main()
