@@ -1,0 +1,225 @@
+"""Open ERA5-like sources lazily in the normalized layout used by the rest of `data/`.
+
+Accepted inputs: zarr (local or gs://; v2 or v3; consolidated or not) in the WeatherBench2 ERA5
+layout (time, level, latitude, longitude; latitude descending; 6-hourly) or the ARCO-ERA5 layout
+(hourly, 37 levels, statics stored per time), and DeepMind-style netCDF (batch, time, [level,] lat,
+lon plus a `datetime` coordinate). Output: dims time, level, lat, lon; lat ascending float32; lon in
+[0, 360) float32; level int32 in task order; time absolute and 6-hourly; only the task's variables
+plus the six progress features (`year_progress*` dims (time,), `day_progress*` dims (time, lon),
+as the reference extraction makes them). Every step is lazy (dask); all checks in
+`data.validate` run on metadata and coordinates before any data is read.
+"""
+
+import os
+import warnings
+from typing import Mapping, Optional, Sequence
+
+import dask.array as da
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from data import gcs, validate
+from graphcast import data_utils, solar_radiation
+from graphcast.config import ALL_ATMOSPHERIC_VARS, STATIC_VARS, TaskConfig
+
+SIX_HOURS = validate.SIX_HOURS
+TOA = "toa_incident_solar_radiation"
+TP6 = "total_precipitation_6hr"
+TP_HOURLY = "total_precipitation"
+PROGRESS_VARS = ("year_progress", "year_progress_sin", "year_progress_cos",
+                 "day_progress", "day_progress_sin", "day_progress_cos")
+_RENAMES = {"latitude": "lat", "longitude": "lon", "pressure_level": "level"}
+_NETCDF_SUFFIXES = (".nc", ".nc4", ".netcdf", ".h5", ".hdf5")
+
+
+def task_variables(task_config: TaskConfig) -> list:
+    """Input, target and forcing variable names of the task, without repeats, in that order."""
+    names = task_config.input_variables + task_config.target_variables + \
+        task_config.forcing_variables
+    return list(dict.fromkeys(names))
+
+
+def open_source(url: str, *, task_config: TaskConfig, resolution: Optional[float] = None,
+                storage_options: Optional[dict] = None, chunks: Optional[Mapping] = None,
+                allow_lon_shift: bool = True, strict_dims: bool = False,
+                check_nans: bool = True, derive_forcings: bool = True) -> xr.Dataset:
+    """Opens `url` (zarr dir, gs:// zarr, or netCDF file) lazily in the normalized layout.
+
+    resolution: the model's grid spacing in degrees; the grid is checked against it if given.
+    chunks: dask chunks for opening (default: the on-disk chunks).
+    allow_lon_shift: convert [-180, 180) longitudes to [0, 360) (else raise).
+    strict_dims: raise on a variable whose dims are right but in another order (else transpose).
+    check_nans: computing a chunk that holds a NaN raises NaNDataError (variable and time named).
+    derive_forcings: add absent TOA radiation and progress features (else leave them out, e.g.
+      to compute them after subsampling the grid).
+    """
+    raw = open_raw(url, storage_options=storage_options, chunks=chunks)
+    return normalize(raw, task_config=task_config, resolution=resolution, source=url,
+                     allow_lon_shift=allow_lon_shift, strict_dims=strict_dims,
+                     check_nans=check_nans, derive_forcings=derive_forcings)
+
+
+def is_netcdf(url: str) -> bool:
+    if url.lower().endswith(_NETCDF_SUFFIXES):
+        return True
+    return not gcs.is_gcs(url) and os.path.isfile(url)
+
+
+def open_raw(url: str, *, storage_options: Optional[dict] = None,
+             chunks: Optional[Mapping] = None) -> xr.Dataset:
+    """Opens the store as it is on disk (dask-backed), with errors that name `url`."""
+    chunks = {} if chunks is None else dict(chunks)
+    if gcs.is_gcs(url):
+        gcs.check_exists(url, storage_options)
+    elif not os.path.exists(url):
+        raise validate.SourceNotFoundError(f"{url} does not exist.")
+    if is_netcdf(url):
+        if gcs.is_gcs(url):
+            fs = gcs.filesystem(url, storage_options)
+            handle = gcs.with_retries(lambda: fs.open(url.split("://", 1)[1], "rb"), url=url)
+            return xr.open_dataset(handle, engine="h5netcdf", chunks=chunks)
+        return xr.open_dataset(url, chunks=chunks)
+    opts = gcs.gcs_storage_options(storage_options) if gcs.is_gcs(url) else storage_options
+    with warnings.catch_warnings():
+        # Non-consolidated stores are fine; xarray warns before falling back to listing.
+        warnings.filterwarnings("ignore", message=".*consolidated metadata.*")
+        return gcs.with_retries(
+            lambda: xr.open_zarr(url, chunks=chunks, storage_options=opts, consolidated=None),
+            url=url)
+
+
+def _squeeze_batch(ds: xr.Dataset, source: Optional[str]) -> xr.Dataset:
+    """DeepMind layout: drop the size-1 batch dim and use `datetime` as the time coordinate."""
+    if "batch" in ds.dims:
+        if ds.sizes["batch"] != 1:
+            raise validate.DimensionError(
+                f"{source}: `batch` has size {ds.sizes['batch']}; only single-batch files (size 1) "
+                "can be read as a time series.")
+        ds = ds.isel(batch=0, drop=True)
+    if "datetime" in ds.coords:
+        absolute = ds["datetime"].values
+        ds = ds.drop_vars("datetime").assign_coords(time=("time", absolute))
+    elif "time" in ds.coords and np.issubdtype(ds["time"].dtype, np.timedelta64):
+        raise validate.TimeSpacingError(f"{source}: `time` holds lead times (timedelta) and there "
+                                        "is no `datetime` coordinate giving absolute times.")
+    return ds
+
+
+def _derivable(ds: xr.Dataset, step: pd.Timedelta) -> set:
+    names = set(PROGRESS_VARS) | {TOA}
+    if TP_HOURLY in ds.data_vars and step < SIX_HOURS:
+        names.add(TP6)
+    return names
+
+
+def _six_hourly(ds: xr.Dataset, step: pd.Timedelta, derive_tp6: bool) -> xr.Dataset:
+    """Keeps 00/06/12/18 UTC times of a sub-6-hourly series; `total_precipitation_6hr` at t is
+    the sum of the accumulations over the steps ending at t-6h+step .. t (six for hourly data)."""
+    k = int(SIX_HOURS // step)
+    t = pd.DatetimeIndex(ds["time"].values)
+    idx = np.nonzero(((t - t.normalize()) % SIX_HOURS) == pd.Timedelta(0))[0]
+    if derive_tp6:
+        idx = idx[idx >= k - 1]  # only times whose whole 6 h window is in the data
+    out = ds.drop_vars(TP_HOURLY, errors="ignore").isel(time=idx)
+    if derive_tp6:
+        tp = ds[TP_HOURLY]
+        total = sum(tp.isel(time=idx - j).data for j in range(k))  # (time, lat, lon)
+        out[TP6] = (tp.dims, total, {**tp.attrs, "long_name": "6-hour accumulated precipitation",
+                                     "derived_from": f"sum of {k} {TP_HOURLY} steps ending at t"})
+    return out
+
+
+def normalize(ds: xr.Dataset, *, task_config: TaskConfig, resolution: Optional[float] = None,
+              source: Optional[str] = None, allow_lon_shift: bool = True,
+              strict_dims: bool = False, check_nans: bool = True,
+              derive_forcings: bool = True) -> xr.Dataset:
+    """Validates metadata, then lazily reshapes `ds` into the normalized layout."""
+    ds = _squeeze_batch(ds, source)
+    ds = ds.rename({k: v for k, v in _RENAMES.items() if k in ds.variables or k in ds.dims})
+    for coord in ("time", "lat", "lon"):
+        if coord not in ds.coords:
+            raise validate.DimensionError(f"No `{coord}` coordinate in {source}; found coordinates "
+                                          f"{sorted(ds.coords)}.")
+    # --- metadata and coordinate checks: nothing below reads data until they all pass ---
+    step = validate.check_time(ds["time"].values, source)
+    wanted = task_variables(task_config)
+    validate.check_variables(ds, wanted, source, derivable=_derivable(ds, step))
+    atmospheric = [v for v in wanted if v in ALL_ATMOSPHERIC_VARS]
+    levels = list(task_config.pressure_levels)
+    if atmospheric:
+        validate.check_levels(ds, levels, source)
+    lat_step = validate.check_latitude(ds["lat"].values, source)
+    shift_lon = validate.check_longitude(ds["lon"].values, source, allow_lon_shift)
+    if resolution is not None:
+        validate.check_grid(ds["lat"].values, ds["lon"].values, resolution, source)
+    present = [v for v in wanted if v in ds.data_vars]
+    reordered = validate.check_dims(ds, present, source, strict_order=strict_dims)
+    derive_tp6 = TP6 in wanted and TP6 not in ds.data_vars
+    # --- lazy reshaping ---
+    keep = present + ([TP_HOURLY] if derive_tp6 else [])
+    ds = ds[keep]
+    for name in present:
+        if name in STATIC_VARS and "time" in ds[name].dims:
+            ds[name] = ds[name].isel(time=0, drop=True)
+        if name in reordered:
+            ds[name] = ds[name].transpose(*validate.expected_dims(name))
+    if atmospheric:
+        ds = ds.sel(level=levels)
+        ds = ds.assign_coords(level=ds["level"].values.astype(np.int32))
+    elif "level" in ds.dims or "level" in ds.coords:
+        ds = ds.drop_dims("level", errors="ignore").drop_vars("level", errors="ignore")
+    if step < SIX_HOURS:
+        ds = _six_hourly(ds, step, derive_tp6)
+    if lat_step < 0:
+        ds = ds.isel(lat=slice(None, None, -1))
+    if shift_lon or np.any(np.diff(ds["lon"].values) < 0):
+        ds = ds.assign_coords(lon=ds["lon"].values % 360).sortby("lon")
+    ds = ds.assign_coords(time=ds["time"].values.astype("datetime64[ns]"),
+                          lat=ds["lat"].values.astype(np.float32),
+                          lon=ds["lon"].values.astype(np.float32))
+    if derive_forcings:
+        ds = add_derived_forcings(ds, wanted)
+    ds = ds[[v for v in wanted if v in ds.data_vars] +
+            [v for v in PROGRESS_VARS if v in ds.data_vars and v not in wanted]]
+    ds.attrs = {**ds.attrs, "normalized_from": source or "<dataset>"}
+    return validate.nan_checked(ds) if check_nans else ds
+
+
+def _time_chunks(ds: xr.Dataset) -> tuple:
+    for var in ds.data_vars.values():
+        if "time" in var.dims and var.chunks is not None:
+            return var.chunks[var.dims.index("time")]
+    return (ds.sizes["time"],)
+
+
+def _toa_block(nanoseconds: np.ndarray, lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
+    # One call per timestamp: batched calls can differ by an ulp with the batch size, and the
+    # value must not depend on how the data happens to be chunked.
+    times = nanoseconds.astype("datetime64[ns]")
+    return np.concatenate([solar_radiation.toa_incident_solar_radiation(times[i:i + 1], lat, lon)
+                           for i in range(len(times))])  # (time, lat, lon) float32
+
+
+def toa_radiation(ds: xr.Dataset) -> xr.DataArray:
+    """Lazy TOA incident solar radiation (J/m^2, hour ending at t) on the grid of `ds`, one dask
+    task per time chunk of the data."""
+    lat, lon = ds["lat"].values, ds["lon"].values
+    nanoseconds = da.from_array(ds["time"].values.astype("datetime64[ns]").astype(np.int64),
+                                chunks=(_time_chunks(ds),))
+    data = da.map_blocks(_toa_block, nanoseconds, lat=lat, lon=lon, dtype=np.float32,
+                         new_axis=[1, 2], meta=np.array((), np.float32),
+                         chunks=(nanoseconds.chunks[0], (len(lat),), (len(lon),)))
+    return xr.DataArray(data, dims=("time", "lat", "lon"),
+                        coords={"time": ds["time"], "lat": ds["lat"], "lon": ds["lon"]},
+                        attrs={"units": "J m**-2", "derived_from": "graphcast.solar_radiation"})
+
+
+def add_derived_forcings(ds: xr.Dataset, wanted: Sequence[str]) -> xr.Dataset:
+    """Adds TOA radiation (lazy) if wanted and absent, and the progress features if any is
+    wanted."""
+    if TOA in wanted and TOA not in ds.data_vars:
+        ds[TOA] = toa_radiation(ds)
+    if any(v in PROGRESS_VARS for v in wanted):
+        ds = data_utils.add_derived_vars(ds)  # year_* (time,), day_* (time, lon); numpy
+    return ds
