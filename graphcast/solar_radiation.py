@@ -2,8 +2,8 @@
 
 The flux is integrated over the hour ending at each timestamp (J/m^2). The arithmetic
 is float32 JAX on purpose: that is what the reference does (x64 disabled), and values
-computed in float64 differ by ~2e-5 relative. Each timestamp is evaluated by its own
-call of one jitted function, exactly like the reference, so results are bit-identical.
+computed in float64 differ by ~2e-5 relative. The integration instants form the last
+axis, as in the reference's summation order, which reproduces its fixture bit for bit.
 """
 
 from typing import NamedTuple, Optional
@@ -134,7 +134,8 @@ def toa_incident_solar_radiation(timestamps: np.ndarray, lat_deg: np.ndarray,
     timestamps: datetime64 [T]; lat_deg [H], lon_deg [W] in degrees (float32 like the data).
     tsi: TSI table, default ERA5_TSI (CONSTANT_TSI is the 1361 W/m^2 alternative).
     Timestamps are evaluated in chunks by a vmapped jit of the per-timestamp integral;
-    this gives the same bits as one call per timestamp (checked in the tests). Always runs on
+    on the reference fixture this gives the same bits as one call per timestamp (checked in the
+    tests); on other grids XLA may round a few values 1 ulp differently. Always runs on
     the CPU backend: keeps accelerators free for the model and matches the CPU reference.
     """
     with jax.default_device(jax.devices("cpu")[0]):
