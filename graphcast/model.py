@@ -32,17 +32,24 @@ class GraphCastNetwork:
 
     def __init__(self, model_config: config_lib.ModelConfig, task_config: config_lib.TaskConfig,
                  graphs: graphs_lib.StaticGraphs, dtype=jnp.float32, split_first_layer: bool = True):
-        self._config = model_config
-        self._num_outputs = task_config.num_outputs()
         self._graphs = graphs
         self._dtype = dtype
-        self._split_first_layer = split_first_layer
 
-    def _gnn(self, name, **kwargs):
-        return typed_graph_net.TypedGraphNet(
-            name=name, latent_size=self._config.latent_size,
-            hidden_layers=self._config.hidden_layers, split_first_layer=self._split_first_layer,
-            **kwargs)
+        def gnn(name, **kwargs):
+            return typed_graph_net.TypedGraphNet(
+                name=name, latent_size=model_config.latent_size,
+                hidden_layers=model_config.hidden_layers, split_first_layer=split_first_layer,
+                **kwargs)
+
+        # Constructed here, once, at the top level of the transformed function: calling the
+        # network again (every autoregressive step) reuses the same parameters.
+        self._encoder = gnn("grid2mesh_gnn", edge_sets=("grid2mesh",), node_sets=(GRID, MESH),
+                            num_steps=1, embed_nodes=True, f32_aggregation=True)
+        self._processor = gnn("mesh_gnn", edge_sets=("mesh",), node_sets=(MESH,),
+                              num_steps=model_config.gnn_msg_steps, embed_nodes=False)
+        self._decoder = gnn("mesh2grid_gnn", edge_sets=("mesh2grid",), node_sets=(GRID, MESH),
+                            num_steps=1, embed_nodes=False,
+                            node_output_sizes={GRID: task_config.num_outputs()})
 
     def _edge_set(self, sender_set, receiver_set, senders, receivers, features):
         # Static features are cast straight from their stored dtype (float64 for edges) to the
@@ -68,24 +75,16 @@ class GraphCastNetwork:
             [jnp.zeros((g.num_mesh_nodes, 1, channels), self._dtype), mesh_static[:, None, :]],
             axis=-1)  # [Nm, 1, C + 3]
 
-        encoded = self._gnn(
-            "grid2mesh_gnn", edge_sets=("grid2mesh",), node_sets=(GRID, MESH), num_steps=1,
-            embed_nodes=True, f32_aggregation=True,
-        )({GRID: grid_nodes, MESH: mesh_nodes},
-          {"grid2mesh": self._edge_set(GRID, MESH, g.grid2mesh_senders, g.grid2mesh_receivers,
-                                       g.grid2mesh_edge_features)})
-
-        processed = self._gnn(
-            "mesh_gnn", edge_sets=("mesh",), node_sets=(MESH,),
-            num_steps=self._config.gnn_msg_steps, embed_nodes=False,
-        )({MESH: encoded[MESH]},
-          {"mesh": self._edge_set(MESH, MESH, g.mesh_senders, g.mesh_receivers,
-                                  g.mesh_edge_features)})
-
-        decoded = self._gnn(
-            "mesh2grid_gnn", edge_sets=("mesh2grid",), node_sets=(GRID, MESH), num_steps=1,
-            embed_nodes=False, node_output_sizes={GRID: self._num_outputs},
-        )({GRID: encoded[GRID], MESH: processed[MESH]},
-          {"mesh2grid": self._edge_set(MESH, GRID, g.mesh2grid_senders, g.mesh2grid_receivers,
-                                       g.mesh2grid_edge_features)})
+        encoded = self._encoder(
+            {GRID: grid_nodes, MESH: mesh_nodes},
+            {"grid2mesh": self._edge_set(GRID, MESH, g.grid2mesh_senders, g.grid2mesh_receivers,
+                                         g.grid2mesh_edge_features)})
+        processed = self._processor(
+            {MESH: encoded[MESH]},
+            {"mesh": self._edge_set(MESH, MESH, g.mesh_senders, g.mesh_receivers,
+                                    g.mesh_edge_features)})
+        decoded = self._decoder(
+            {GRID: encoded[GRID], MESH: processed[MESH]},
+            {"mesh2grid": self._edge_set(MESH, GRID, g.mesh2grid_senders, g.mesh2grid_receivers,
+                                         g.mesh2grid_edge_features)})
         return decoded[GRID]

@@ -122,16 +122,22 @@ class Predictor:
                 static[v] = x
         return static, rolling
 
-    def _network_outputs(self, inputs: Arrays, forcings: Arrays) -> dict:
+    def _network(self) -> model.GraphCastNetwork:
+        """Built once per transformed call, outside the scanned step, so that haiku creates
+        each GNN module once (a second construction would add `_1`-suffixed parameters)."""
+        return model.GraphCastNetwork(
+            self.model_config, self.task_config, self.graphs,
+            dtype=jnp.bfloat16 if self.bf16 else jnp.float32,
+            split_first_layer=self.split_first_layer)
+
+    def _network_outputs(self, network: model.GraphCastNetwork, inputs: Arrays,
+                         forcings: Arrays) -> dict:
         """One step in normalized space: `{target: [B, 1, (L,) H, W]}` float32."""
         norm_inputs = normalization.normalize(inputs, self.stats)
         norm_forcings = normalization.normalize(forcings, self.stats)
         grid_inputs = stacking.stack_to_grid_nodes(norm_inputs, norm_forcings)  # [Ng, B, C]
-        dtype = jnp.bfloat16 if self.bf16 else jnp.float32
-        network = model.GraphCastNetwork(self.model_config, self.task_config, self.graphs,
-                                         dtype=dtype, split_first_layer=self.split_first_layer)
         with self._precision():
-            outputs = network(grid_inputs.astype(dtype))                       # [Ng, B, O]
+            outputs = network(grid_inputs)                                      # [Ng, B, O]
         return stacking.unstack_from_grid_nodes(
             outputs.astype(jnp.float32), self.task_config,
             (self.grid_lat.size, self.grid_lon.size))
@@ -158,10 +164,12 @@ class Predictor:
                 raise ValueError("predict() needs num_steps when the task has no forcings.")
             num_steps = next(iter(forcings.values())).shape[1]
 
+        network = self._network()
+
         def step(rolling, forcings_t):
             current = {**static, **rolling}
             predictions = normalization.denormalize_outputs(
-                self._network_outputs(current, forcings_t), current, self.stats)
+                self._network_outputs(network, current, forcings_t), current, self.stats)
             return self._advance(rolling, predictions, forcings_t), predictions
 
         _, predictions = self._scan(step, rolling, self._per_step(forcings), num_steps)
@@ -170,11 +178,12 @@ class Predictor:
     def _loss(self, inputs: Arrays, targets: Arrays, forcings: Arrays):
         static, rolling = self._split_inputs(inputs)
         num_steps = next(iter(targets.values())).shape[1]
+        network = self._network()
 
         def step(rolling, targets_and_forcings):
             targets_t, forcings_t = targets_and_forcings
             current = {**static, **rolling}
-            outputs = self._network_outputs(current, forcings_t)
+            outputs = self._network_outputs(network, current, forcings_t)
             per_variable = losses.weighted_mse_per_variable(
                 outputs, normalization.normalize_targets(targets_t, current, self.stats),
                 self.grid_lat, self.task_config.pressure_levels)
