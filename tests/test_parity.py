@@ -84,7 +84,7 @@ def test_parameter_tree_matches_checkpoint(ref):
     theirs = {(m, n): p.shape for m, ps in ref["ckpt"].params.items() for n, p in ps.items()}
     # A multi-step init must not create a second copy of the network (`grid2mesh_gnn_1/...`).
     for steps in (1, ref["targets"].sizes["time"]):
-        params = predictor.init(jax.random.PRNGKey(0), first_steps(ref["batch"], steps))
+        params = jax.jit(predictor.init)(jax.random.PRNGKey(0), first_steps(ref["batch"], steps))
         ours = {(m, n): p.shape for m, ps in params.items() for n, p in ps.items()}
         assert ours == theirs
     with open(fixture("fixture_config.json")) as f:
