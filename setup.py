@@ -6,7 +6,8 @@ setuptools.setup(
     version="0.1.0",
     description="Train DeepMind's GraphCast weather model: parity model, ERA5 pipeline, jaxline loop.",
     python_requires=">=3.11",
-    packages=setuptools.find_packages(include=["graphcast", "graphcast.*", "data", "data.*"]),
+    packages=setuptools.find_packages(include=["graphcast", "graphcast.*", "data", "data.*",
+                                                "training", "training.*", "configs"]),
     py_modules=["experiment"],
     install_requires=[
         "numpy>=2.0",

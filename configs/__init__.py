@@ -1,0 +1,1 @@
+"""Experiment configs (ml_collections): `python experiment.py --config=configs/<name>.py`."""

@@ -1,0 +1,475 @@
+"""GraphCast training with jaxline: pmapped AdamW steps, rollout curriculum, evaluation, checkpoints.
+
+  python experiment.py --config=configs/sample.py                       # demo, minutes on a CPU
+  python experiment.py --config=configs/era5_1deg.py --jaxline_mode=train
+  python experiment.py --config=configs/era5_1deg.py --jaxline_mode=eval   # separate eval job
+  python experiment.py --config=<cfg> --jaxline_mode=export --export_path=model.npz [--export_step=N]
+
+Modes: `train` (with in-process evaluation every `eval.interval_steps` and after the last step),
+`eval` (watches the checkpoint directory, evaluates each new checkpoint, keeps a "best" series),
+`train_eval_multithreaded` (both in one process), `export` (official GraphCast .npz).
+Training resumes automatically from the newest checkpoint in `config.checkpoint_dir`.
+No TensorFlow: jaxline.train is driven directly (jaxline.platform imports TensorFlow).
+"""
+
+import concurrent.futures
+import os
+import time
+from typing import Any, Mapping, Optional
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxline import base_config as jl_base_config
+from jaxline import experiment as jl_experiment
+from jaxline import train as jl_train
+from jaxline import utils as jl_utils
+
+from graphcast import checkpoint as gc_checkpoint
+from graphcast import config as gc_config
+from graphcast import normalization
+from graphcast import rollout
+from training import checkpointer as ckpt_lib
+from training import compat
+from training import data_input
+from training import evaluation
+from training import optim
+from training import writer as writer_lib
+
+_AXIS = "devices"
+_LICENSE = ("Parameters trained with graphcast-trainer; the GraphCast architecture is DeepMind's "
+            "(Lam et al. 2023). Check the license of the training data before redistribution.")
+
+
+def model_config_from(cfg) -> gc_config.ModelConfig:
+    """ModelConfig from the config's `model` section (all fields, names as in the dataclass)."""
+    return gc_config.ModelConfig(**dict(cfg.model))
+
+
+def task_config_from(cfg) -> gc_config.TaskConfig:
+    """TaskConfig from the config's `task` section."""
+    return gc_config.TaskConfig(**{k: tuple(v) if isinstance(v, (list, tuple)) else v
+                                   for k, v in dict(cfg.task).items()})
+
+
+def _shard0(x):
+    """The first local device's value of a per-device array [devices, ...] (stays on device)."""
+    if isinstance(x, jax.Array):
+        return x.addressable_data(0).reshape(x.shape[1:])  # works across processes too
+    return np.asarray(x)[0]
+
+
+def _first_local(x) -> np.ndarray:
+    """Host copy of the first local device's value of a per-device array."""
+    return np.asarray(_shard0(x))
+
+
+def _device0(tree):
+    """First-device values of per-device scalars (what jaxline logs), without a host sync."""
+    return jax.tree.map(_shard0, tree)
+
+
+class NonFiniteError(FloatingPointError):
+    """Too many consecutive training steps had a NaN/Inf loss or gradient."""
+
+
+class Experiment(jl_experiment.AbstractExperiment):
+    """GraphCast data-parallel training (pmap over all devices of all hosts) and evaluation."""
+
+    # Replicated over local devices (one copy per device on the leading axis).
+    CHECKPOINT_ATTRS = {"_params": "params", "_opt_state": "opt_state"}
+    # Host values: data iterator position and failure counters.
+    NON_BROADCAST_CHECKPOINT_ATTRS = {"_data_state": "data_state", "_counters": "counters"}
+
+    def __init__(self, mode: str, init_rng: Optional[jax.Array] = None, config=None):
+        super().__init__(mode=mode, init_rng=init_rng)
+        if config is None:
+            raise ValueError("Experiment needs experiment_kwargs.config.")
+        self.mode = mode
+        self.config = config
+        self._init_rng = init_rng if init_rng is not None else jax.random.PRNGKey(0)
+        self.model_config = model_config_from(config)
+        self.task_config = task_config_from(config)
+        self.optim_config = optim.OptimConfig.from_mapping(dict(config.optimizer))
+        self._direction = optim.make_direction(self.optim_config)
+        self._params = None          # replicated [local_devices, ...] haiku params
+        self._opt_state = None       # replicated optimizer state
+        self._restored = None        # snapshot restored before the lazy initialization
+        self._data_state = None
+        self._counters = {"nonfinite_skipped": 0, "consecutive_nonfinite": 0}
+        self._source = None
+        self._predictor = None
+        self._train_input = None
+        self._updates = {}           # ar_steps -> pmapped update (one compile per rollout length)
+        self._predict_fn = None
+        self._pending = None         # (step, skipped flag on device, init times) of the last step
+        self._last_step_end = None
+        self._examples_per_sec = None
+
+    # -- shared pieces -------------------------------------------------------------------------
+    @property
+    def source(self) -> data_input.Source:
+        if self._source is None:
+            self._source = data_input.Source(self.config.data, self.task_config,
+                                             self.model_config.resolution)
+        return self._source
+
+    @property
+    def predictor(self) -> rollout.Predictor:
+        if self._predictor is None:
+            stats = normalization.load_stats(self.config.data.stats_dir, self.task_config)
+            training = self.config.training
+            self._predictor = rollout.Predictor(
+                self.model_config, self.task_config, stats, self.source.lat, self.source.lon,
+                bf16=training.bf16, remat_steps=training.remat_steps,
+                graph_cache_dir=self.config.data.graph_cache_dir or None)
+        return self._predictor
+
+    # -- checkpointing (jaxline calls these) ---------------------------------------------------
+    def snapshot_state(self) -> Mapping[str, Any]:
+        """Host copies of params, optimizer state leaves, data position and counters."""
+        if self._params is None:
+            if self._restored is None:
+                raise RuntimeError("Nothing to checkpoint yet: the experiment has not initialized.")
+            return dict(self._restored)
+        self._resolve_pending()
+        opt_leaves = jax.tree.leaves(self._opt_state)
+        return {
+            "params": jax.tree.map(_first_local, self._params),
+            "opt_state": {f"{i:05d}": _first_local(x) for i, x in enumerate(opt_leaves)},
+            "data_state": dict(self._data_state or {}),
+            "counters": dict(self._counters),
+        }
+
+    def restore_from_snapshot(self, snapshot_state: Mapping[str, Any]) -> None:
+        """Keeps the snapshot; the (lazy) initialization or the next evaluation consumes it."""
+        self._restored = dict(snapshot_state)
+        self._params = self._opt_state = None
+        self._train_input = None
+        self._data_state = snapshot_state.get("data_state")
+        self._counters = dict(snapshot_state.get("counters") or self._counters)
+
+    # -- training --------------------------------------------------------------------------------
+    def _initialize_train(self) -> None:
+        data = self.config.data
+        self._train_input = self.source.train_iterator(
+            global_batch_size=data.global_batch_size, state=self._data_state or None,
+            num_steps=1, max_num_steps=max(self._ar_steps_used()))
+        params, opt_leaves = self._initial_params()
+        opt_state = self._direction.init(params)
+        if opt_leaves is not None:
+            treedef = jax.tree.structure(opt_state)
+            opt_state = jax.tree.unflatten(treedef, [np.asarray(opt_leaves[k])
+                                                     for k in sorted(opt_leaves)])
+        self._params = compat.bcast_local_devices(params)
+        self._opt_state = compat.bcast_local_devices(opt_state)
+        self._restored = None
+
+    def _ar_steps_used(self) -> list:
+        """Rollout lengths this run will train with (fixes the data's valid initial times)."""
+        return optim.distinct_ar_steps(self.optim_config, self.config.training.run_steps)
+
+    def _initial_params(self):
+        """(params, optimizer leaves or None): from the checkpoint, a fine-tuning .npz, or init."""
+        if self._restored is not None:
+            return self._restored["params"], self._restored["opt_state"]
+        path = self.config.training.init_checkpoint
+        if path:
+            ckpt = gc_checkpoint.load(path)
+            gc_checkpoint.check_matches(ckpt, self.model_config, self.task_config, source=path)
+            gc_checkpoint.check_grid(ckpt, self.source.lat, source=self.config.data.source)
+            logging.info("Fine-tuning from %s.", path)
+            return ckpt.params, None
+        example = self.source.example_batch()
+        return jax.jit(self.predictor.init)(self._init_rng, example), None
+
+    def _update_fn(self, ar_steps: int):
+        """The pmapped loss+grad+AdamW update for one rollout length (compiled on first use)."""
+        if ar_steps in self._updates:
+            return self._updates[ar_steps]
+        predictor, direction = self.predictor, self._direction
+
+        def update(params, opt_state, batch, lr):
+            (loss, per_var), grads = jax.value_and_grad(predictor.loss, has_aux=True)(params, batch)
+            grads, loss, per_var = jax.lax.pmean((grads, loss, per_var), _AXIS)
+            grad_norm = optim.global_norm(grads)
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            step_direction, new_opt_state = direction.update(grads, opt_state, params)
+            new_params = optim.apply_update(params, step_direction, lr)
+            keep = lambda new, old: jnp.where(finite, new, old)  # skip non-finite updates
+            scalars = {"loss": loss, "grad_norm": grad_norm,
+                       "update_skipped": (~finite).astype(jnp.int32),
+                       **{f"loss/{v}": x for v, x in per_var.items()}}
+            return (jax.tree.map(keep, new_params, params),
+                    jax.tree.map(keep, new_opt_state, opt_state), scalars)
+
+        logging.info("Compiling the training step for %d autoregressive step(s).", ar_steps)
+        self._updates[ar_steps] = jax.pmap(update, axis_name=_AXIS, donate_argnums=(0, 1))
+        return self._updates[ar_steps]
+
+    def _resolve_pending(self) -> None:
+        """Counts the previous step's skipped update (read one step late to avoid a host sync)."""
+        if self._pending is None:
+            return
+        step, skipped, init_times = self._pending
+        self._pending = None
+        if not int(_first_local(skipped)):
+            self._counters["consecutive_nonfinite"] = 0
+            return
+        self._counters["nonfinite_skipped"] += 1
+        self._counters["consecutive_nonfinite"] += 1
+        logging.warning("Step %d: non-finite loss or gradient; update skipped (batch init times %s).",
+                        step, init_times)
+        limit = self.config.training.max_consecutive_nonfinite
+        if limit and self._counters["consecutive_nonfinite"] >= limit:
+            raise NonFiniteError(
+                f"{self._counters['consecutive_nonfinite']} consecutive steps up to step {step} had a "
+                f"non-finite loss or gradient (last batch init times {init_times}); stopping "
+                "(training.max_consecutive_nonfinite). Check the data for NaNs or lower the LR.")
+
+    def step(self, *, global_step: jax.Array, rng: jax.Array, writer) -> dict:
+        del rng, writer  # GraphCast's training step is deterministic.
+        if self._params is None:
+            self._initialize_train()
+        step = int(_first_local(global_step))
+        lr, ar_steps = optim.schedule(step, self.optim_config)
+        if ar_steps != self._train_input.num_steps:
+            logging.info("Step %d: the rollout curriculum now uses %d steps.", step, ar_steps)
+            self._train_input.set_num_steps(ar_steps)  # drops prefetched batches of the old length
+        began = time.perf_counter()
+        batch = self._train_input.next()
+        data_wait = time.perf_counter() - began
+        self._data_state = self._train_input.state
+        init_times = batch.pop("init_time")
+        n_local = jax.local_device_count()
+        update = self._update_fn(ar_steps)
+        self._params, self._opt_state, scalars = update(
+            self._params, self._opt_state, compat.shard_local(batch),
+            np.full((n_local,), lr, np.float32))
+        self._resolve_pending()
+        self._pending = (step, scalars.pop("update_skipped"), np.asarray(init_times).ravel()[:4])
+
+        now = time.perf_counter()
+        interval = now - self._last_step_end if self._last_step_end else None
+        self._last_step_end = now
+        if interval:
+            rate = self.config.data.global_batch_size / interval
+            self._examples_per_sec = rate if self._examples_per_sec is None else \
+                0.9 * self._examples_per_sec + 0.1 * rate
+        return {**_device0(scalars), "learning_rate": np.float32(lr),
+                "ar_steps": np.int32(ar_steps),
+                "examples_per_sec": np.float32(self._examples_per_sec or 0.0),
+                "data_wait_fraction": np.float32(min(data_wait / interval, 1.0) if interval else 0.0),
+                "nonfinite_skipped": np.int32(self._counters["nonfinite_skipped"])}
+
+    # -- evaluation ------------------------------------------------------------------------------
+    def _eval_params(self):
+        """Host params to evaluate: the live training params, or the restored checkpoint's."""
+        if self._params is not None:
+            return jax.tree.map(_first_local, self._params)
+        if self._restored is not None:
+            return self._restored["params"]
+        path = self.config.training.init_checkpoint
+        if path:
+            ckpt = gc_checkpoint.load(path)
+            gc_checkpoint.check_matches(ckpt, self.model_config, self.task_config, source=path)
+            return ckpt.params
+        raise RuntimeError("evaluate() has no parameters: no checkpoint was restored in "
+                           f"{self.config.get('checkpoint_dir', '?')} and no init_checkpoint is set.")
+
+    def evaluate(self, *, global_step: jax.Array, rng: jax.Array, writer) -> dict:
+        del rng
+        step = int(_first_local(global_step))
+        cfg = self.config.eval
+        params = compat.bcast_local_devices(self._eval_params())
+        if self._predict_fn is None:
+            predictor = self.predictor
+            self._predict_fn = jax.pmap(lambda p, i, f: predictor.predict(p, i, f), axis_name=_AXIS)
+        lead_hours = [6 * (k + 1) for k in range(cfg.rollout_steps)]
+        accumulator = evaluation.MetricsAccumulator(self.source.lat, self.task_config.pressure_levels,
+                                                    lead_hours)
+        climatology = evaluation.Climatology(cfg.climatology, self.task_config) \
+            if cfg.climatology else None
+        first = None
+        began = time.perf_counter()
+        for batch in self.source.eval_batches(batch_size=cfg.batch_size or
+                                              self.config.data.global_batch_size,
+                                              num_steps=cfg.rollout_steps,
+                                              num_batches=cfg.num_batches):
+            init_times = batch.pop("init_time")
+            device_batch = compat.shard_local({"inputs": batch["inputs"],
+                                               "forcings": batch["forcings"]})
+            predictions = jax.device_get(self._predict_fn(params, device_batch["inputs"],
+                                                          device_batch["forcings"]))
+            flat = lambda tree: {k: np.reshape(v, (-1,) + v.shape[2:]) for k, v in tree.items()}
+            preds, targets, inputs = flat(predictions), flat(batch["targets"]), flat(batch["inputs"])
+            last_inputs = {k: v[:, -1] for k, v in inputs.items() if k in targets}
+            clim = climatology.at(np.ravel(init_times), lead_hours) if climatology else None
+            accumulator.add(preds, targets, last_inputs, clim)
+            if first is None:
+                first = (preds, targets)
+        metrics = evaluation.allreduce(accumulator).result()
+        seconds = time.perf_counter() - began
+        headline_lead = 6 * cfg.headline_lead_step
+        scalars = {**metrics, **evaluation.headline(metrics, headline_lead),
+                   "skill_mean": evaluation.mean_skill(metrics),
+                   "eval_examples": accumulator.num_examples, "eval_seconds": seconds}
+        if jax.process_index() == 0:
+            self._write_figure(step, first, writer)
+            print(evaluation.summary_table(metrics, step, lead_hours), flush=True)
+        return scalars
+
+    def _write_figure(self, step: int, first, writer) -> None:
+        cfg = self.config.eval
+        if first is None:
+            return
+        lead_index = min(cfg.figure_lead_step, cfg.rollout_steps) - 1
+        png = evaluation.forecast_figure(
+            first[0], first[1], self.source.lat, self.source.lon, self.task_config.pressure_levels,
+            lead_index, 6 * (lead_index + 1), title=f"step {step}")
+        out_dir = os.path.join(self.config.training.logdir or "runs/tb", "eval_figures")
+        os.makedirs(out_dir, exist_ok=True)
+        path = os.path.join(out_dir, f"step_{step:08d}.png")
+        with open(path, "wb") as f:
+            f.write(png)
+        logging.info("Wrote %s.", path)
+        if writer is not None and hasattr(writer, "write_images"):
+            writer.write_images(step, {"forecast": evaluation.png_to_array(png)})
+
+
+# -- driver ------------------------------------------------------------------------------------
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/sample.py", "Experiment config file.")
+_MODE = flags.DEFINE_enum("jaxline_mode", "train",
+                          ["train", "eval", "train_eval_multithreaded", "export"], "What to run.")
+_EXPORT_PATH = flags.DEFINE_string("export_path", "", "export: output .npz (official format).")
+_EXPORT_STEP = flags.DEFINE_integer("export_step", None, "export: checkpoint step (default newest).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", "", "Multi-process: host:port of process 0 (with --num_processes and "
+    "--process_id); 'auto' lets JAX detect SLURM/Open MPI/cloud TPU environments.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
+_BIND_ADDRESS = flags.DEFINE_string("coordinator_bind_address", None,
+                                    "Multi-process: address the coordinator listens on.")
+_LOCAL_DEVICES = flags.DEFINE_integer("cpu_devices", None,
+                                      "CPU only: number of host devices to simulate (tests).")
+
+
+def apply_memory_settings(memory) -> None:
+    """XLA client allocator environment; effective only before JAX's backend starts."""
+    if memory.allocator:
+        os.environ["XLA_PYTHON_CLIENT_ALLOCATOR"] = memory.allocator
+    if memory.mem_fraction:
+        os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = str(memory.mem_fraction)
+    if not memory.preallocate:
+        os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+
+
+def initialize_distributed() -> None:
+    """jax.distributed.initialize from the flags (explicit) or the environment ('auto')."""
+    if _LOCAL_DEVICES.value:
+        jax.config.update("jax_num_cpu_devices", _LOCAL_DEVICES.value)
+    if _COORDINATOR.value == "auto":
+        jax.distributed.initialize()
+    elif _COORDINATOR.value:
+        jax.distributed.initialize(
+            coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+            process_id=_PROCESS_ID.value, coordinator_bind_address=_BIND_ADDRESS.value,
+            initialization_timeout=120)
+    logging.info("Process %d of %d; %d local / %d global devices.", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def default_logdir(config) -> str:
+    """TensorBoard folder: training.logdir, else <checkpoint_dir>/tb (runs/tb for gs:// runs)."""
+    exp = config.experiment_kwargs.config
+    if exp.training.logdir:
+        return exp.training.logdir
+    if "://" in config.checkpoint_dir:
+        return os.path.join("runs", "tb", os.path.basename(config.checkpoint_dir.rstrip("/")))
+    return os.path.join(config.checkpoint_dir, "tb")
+
+
+def export(config, path: str, step: Optional[int]) -> str:
+    """Writes checkpoint `step` (default newest) as an official GraphCast .npz; returns a summary."""
+    if not path:
+        raise ValueError("--jaxline_mode=export needs --export_path=MODEL.npz.")
+    exp = config.experiment_kwargs.config
+    checkpointer = ckpt_lib.Checkpointer(config, "export")
+    arrays, meta = checkpointer.read("latest", step)
+    params = arrays["experiment/params"]
+    ckpt = gc_checkpoint.CheckPoint(
+        params=params, model_config=model_config_from(exp), task_config=task_config_from(exp),
+        description=f"GraphCast trained with graphcast-trainer: {config.checkpoint_dir} step "
+                    f"{meta['step']}, data {exp.data.source}.",
+        license=_LICENSE)
+    gc_checkpoint.save(path, ckpt)
+    return f"Exported step {meta['step']} ({len(jax.tree.leaves(params))} arrays) to {path}."
+
+
+def _eval_action(checkpointer, config, writer) -> jl_utils.PeriodicAction:
+    """In-process evaluation of the live parameters every eval.interval_steps and at the end."""
+    exp_cfg = config.experiment_kwargs.config.eval
+    state = checkpointer.get_experiment_state("latest")
+
+    def evaluate_now(step, _):
+        scalars = state.experiment_module.evaluate(global_step=np.array([step]), rng=None,
+                                                   writer=writer)
+        writer.write_scalars(step, scalars)
+
+    return jl_utils.PeriodicAction(
+        evaluate_now, interval_type="steps", interval=exp_cfg.interval_steps or 10 ** 15,
+        run_async=False, end_step_to_action=config.training_steps if exp_cfg.at_end else None)
+
+
+def run(config, mode: str) -> None:
+    """Runs one jaxline mode with the persistent checkpointer and the TensorBoard writer."""
+    jl_base_config.validate_config(config)
+    exp = config.experiment_kwargs.config
+    data_input.ensure_sample_data(exp.data)
+    with config.unlocked():
+        exp.training.logdir = default_logdir(config)
+    chief = jax.process_index() == 0
+    total = config.training_steps
+
+    def make_writer(prefix):
+        return writer_lib.Writer(exp.training.logdir, prefix=prefix, total_steps=total,
+                                 console=chief)
+
+    if mode == "train":
+        checkpointer = ckpt_lib.Checkpointer(config, mode)
+        train_writer = make_writer("train")
+        actions = (_eval_action(checkpointer, config, make_writer("eval")),)
+        jl_train.train(Experiment, config, checkpointer, train_writer, periodic_actions=actions)
+    elif mode == "eval":
+        jl_train.evaluate(Experiment, config, ckpt_lib.Checkpointer(config, mode),
+                          make_writer("eval"), jaxline_mode="eval")
+    elif mode == "train_eval_multithreaded":
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            training = pool.submit(jl_train.train, Experiment, config,
+                                   ckpt_lib.Checkpointer(config, "train"), make_writer("train"))
+            jl_train.evaluate(Experiment, config, ckpt_lib.Checkpointer(config, "eval"),
+                              make_writer("eval"), jaxline_mode="eval")
+            training.result()
+    else:
+        raise ValueError(f"Unknown --jaxline_mode {mode!r}.")
+
+
+def main(argv) -> None:
+    del argv
+    config = _CONFIG.value
+    apply_memory_settings(config.experiment_kwargs.config.memory)  # before JAX's backend starts
+    initialize_distributed()
+    compat.apply()
+    if _MODE.value == "export":
+        print(export(config, _EXPORT_PATH.value, _EXPORT_STEP.value), flush=True)
+        return
+    run(config, _MODE.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,1 @@
+"""Training-loop support for experiment.py: jaxline fixes, checkpoints, logging, optimizer, evaluation."""

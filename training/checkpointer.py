@@ -1,0 +1,183 @@
+"""Persistent jaxline checkpointer on orbax-checkpoint (local paths and gs://).
+
+Implements jaxline's `Checkpointer` protocol (save / restore / can_be_restored / restore_path /
+get_experiment_state / wait_for_checkpointing_to_finish) with one orbax `CheckpointManager` per
+series ("latest" for training, "best" for the eval job) under `<checkpoint_dir>/<series>/<step>`.
+
+What a checkpoint holds: every array the experiment's `snapshot_state()` returns (params, optimizer
+state, ...) and jaxline's train RNG, as numpy in orbax's array store; every plain value (global step,
+data-iterator state, counters, best metric) and the run's config as JSON. Orbax writes into a
+temporary directory and renames it when complete, so a half-written step is never listed and never
+restored; saves run in the background; only the newest `max_to_keep` steps are kept.
+"""
+
+import os
+import time
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+from training import compat
+
+_ARRAY_TYPES = (np.ndarray, np.generic, jax.Array)
+
+
+class ExperimentState:
+    """Mutable attribute bag that jaxline fills (global_step, experiment_module, train_step_rng...)."""
+
+    def items(self):
+        return list(vars(self).items())
+
+
+def _is_array_tree(value: Any) -> bool:
+    leaves = jax.tree.leaves(value)
+    return bool(leaves) and all(isinstance(x, _ARRAY_TYPES) for x in leaves)
+
+
+def _to_host(tree: Any) -> Any:
+    """Copies device arrays to numpy so later (donated) updates cannot change what is written."""
+    return jax.tree.map(lambda x: np.array(jax.device_get(x)), tree)
+
+
+def _to_json(value: Any) -> Any:
+    """Plain JSON value of a python/numpy scalar or a (nested) dict/list of them."""
+    if isinstance(value, dict):
+        return {str(k): _to_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_json(v) for v in value]
+    if isinstance(value, (np.ndarray, np.generic, jax.Array)):
+        return np.asarray(value).item()
+    return value
+
+
+class Checkpointer:
+    """jaxline checkpointer writing orbax checkpoints to `config.checkpoint_dir`."""
+
+    def __init__(self, config, mode: str, *, max_to_keep: Optional[int] = None,
+                 best_to_keep: int = 2, enable_async: bool = True):
+        if not config.get("checkpoint_dir"):
+            raise ValueError("config.checkpoint_dir is empty: set it to a local path or gs:// URL.")
+        root = str(config.checkpoint_dir).rstrip("/")
+        self._root = root if "://" in root else os.path.abspath(root)  # orbax needs absolute paths
+        self._mode = mode
+        self._config_json = config.to_json_best_effort() if hasattr(config, "to_json_best_effort") \
+            else "{}"
+        self._keep = {"latest": max_to_keep or config.get("max_checkpoints_to_keep", 5),
+                      "best": best_to_keep}
+        self._async = enable_async
+        self._states: dict = {}
+        self._managers: dict = {}
+
+    # -- helpers ---------------------------------------------------------------------------
+    def directory(self, ckpt_series: str) -> str:
+        """Directory holding the numbered steps of one series."""
+        return f"{self._root}/{ckpt_series}"
+
+    def manager(self, ckpt_series: str) -> ocp.CheckpointManager:
+        """The orbax manager of a series (created on first use)."""
+        if ckpt_series not in self._managers:
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=self._keep.get(ckpt_series, 2), create=True,
+                enable_async_checkpointing=self._async)
+            self._managers[ckpt_series] = ocp.CheckpointManager(
+                self.directory(ckpt_series), options=options, item_names=("arrays", "meta"))
+        return self._managers[ckpt_series]
+
+    def latest_step(self, ckpt_series: str) -> Optional[int]:
+        """Newest complete step of a series, re-reading the directory (another job may write it)."""
+        return self._fresh(ckpt_series).latest_step()
+
+    def all_steps(self, ckpt_series: str) -> list:
+        return sorted(self._fresh(ckpt_series).all_steps())
+
+    def _fresh(self, ckpt_series: str) -> ocp.CheckpointManager:
+        """The manager with its step list re-read from storage, unless it is itself writing
+        (re-reading during an async save would lose track of the pending step)."""
+        manager = self.manager(ckpt_series)
+        if not manager.is_saving_in_progress():
+            manager.reload()
+        return manager
+
+    def read(self, ckpt_series: str, step: Optional[int] = None) -> tuple:
+        """(arrays, meta) of a step (default: the newest), arrays as numpy."""
+        if step is None:
+            step = self.latest_step(ckpt_series)
+            if step is None:
+                raise FileNotFoundError(f"No complete checkpoint in {self.directory(ckpt_series)}.")
+        elif step not in self.all_steps(ckpt_series):
+            raise FileNotFoundError(f"Checkpoint step {step} not found in "
+                                    f"{self.directory(ckpt_series)}; have {self.all_steps(ckpt_series)}.")
+        restored = self.manager(ckpt_series).restore(step, args=ocp.args.Composite(
+            arrays=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+        return restored["arrays"], restored["meta"]
+
+    # -- jaxline protocol ------------------------------------------------------------------
+    def get_experiment_state(self, ckpt_series: str) -> ExperimentState:
+        if ckpt_series not in self._states:
+            self._states[ckpt_series] = ExperimentState()
+        return self._states[ckpt_series]
+
+    def save(self, ckpt_series: str) -> None:
+        state = self.get_experiment_state(ckpt_series)
+        arrays, plain = {}, {}
+        for key, value in state.items():
+            if key == "experiment_module":
+                for name, item in value.snapshot_state().items():
+                    (arrays if _is_array_tree(item) else plain)[f"experiment/{name}"] = item
+            elif key == "train_step_rng":
+                if value is not None:
+                    arrays[key] = jax.tree.map(lambda x: x[0], value)  # one copy per device
+            elif _is_array_tree(value) and np.ndim(jax.tree.leaves(value)[0]) > 0:
+                arrays[key] = value
+            else:
+                plain[key] = value
+        step = int(state.global_step)
+        manager = self.manager(ckpt_series)
+        if step in manager.all_steps():
+            logging.info("Checkpoint %s step %d already exists; not rewriting it.", ckpt_series, step)
+            return
+        meta = {"plain": _to_json(plain), "series": ckpt_series, "step": step,
+                "saved_at": time.time(), "config": self._config_json}
+        manager.save(step, args=ocp.args.Composite(
+            arrays=ocp.args.StandardSave(_to_host(arrays)), meta=ocp.args.JsonSave(meta)))
+        logging.info("Saving checkpoint %s step %d to %s (async).", ckpt_series, step,
+                     self.directory(ckpt_series))
+
+    def can_be_restored(self, ckpt_series: str) -> bool:
+        return self.latest_step(ckpt_series) is not None
+
+    def restore(self, ckpt_series: str) -> None:
+        arrays, meta = self.read(ckpt_series)
+        plain = meta["plain"]
+        state = self.get_experiment_state(ckpt_series)
+        snapshot = {k.split("/", 1)[1]: v for k, v in {**arrays, **plain}.items()
+                    if k.startswith("experiment/")}
+        for key, _ in state.items():
+            if key == "experiment_module":
+                state.experiment_module.restore_from_snapshot(snapshot)
+            elif key == "train_step_rng":
+                if "train_step_rng" in arrays:
+                    state.train_step_rng = compat.bcast_local_devices(arrays["train_step_rng"])
+            elif key in arrays:
+                setattr(state, key, arrays[key])
+            elif key in plain:
+                setattr(state, key, plain[key])
+        logging.info("Restored checkpoint %s step %d from %s.", ckpt_series, meta["step"],
+                     self.directory(ckpt_series))
+
+    def restore_path(self, ckpt_series: str) -> Optional[str]:
+        step = self.latest_step(ckpt_series)
+        return None if step is None else f"{self.directory(ckpt_series)}/{step}"
+
+    def wait_for_checkpointing_to_finish(self) -> None:
+        for manager in self._managers.values():
+            manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending writes and releases the managers."""
+        for manager in self._managers.values():
+            manager.close()
+        self._managers.clear()

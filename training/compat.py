@@ -1,0 +1,64 @@
+"""Makes jaxline 0.0.8 run on current JAX, without TensorFlow.
+
+jaxline still calls APIs that JAX removed (`jax.device_put_sharded`, `jax.tree_map`), and its
+`platform` module imports TensorFlow. `apply()` patches the few broken entry points in place;
+it is idempotent and must run before `jaxline.train.train` / `evaluate` are called.
+"""
+
+from typing import Any
+
+import jax
+import numpy as np
+from absl import flags
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+_AXIS = "devices"
+
+
+def local_device_sharding() -> NamedSharding:
+    """Sharding that splits a leading axis of length `jax.local_device_count()` over local devices."""
+    mesh = Mesh(np.asarray(jax.local_devices()), (_AXIS,))
+    return NamedSharding(mesh, PartitionSpec(_AXIS))
+
+
+def shard_local(tree: Any) -> Any:
+    """Places every leaf's leading axis (one slice per local device) onto the local devices.
+
+    Replaces the removed `jax.device_put_sharded`: leaves are [local_devices, ...] host arrays.
+    """
+    sharding = local_device_sharding()
+    n = jax.local_device_count()
+    for leaf in jax.tree.leaves(tree):
+        if np.shape(leaf)[:1] != (n,):
+            raise ValueError(f"shard_local expects a leading axis of {n} local devices, got a leaf "
+                             f"of shape {np.shape(leaf)}.")
+    return jax.device_put(tree, sharding)
+
+
+def bcast_local_devices(value: Any) -> Any:
+    """Copies every leaf onto each local device, adding a leading device axis (jaxline's contract)."""
+    n = jax.local_device_count()
+    host = jax.tree.map(lambda v: np.broadcast_to(np.asarray(v), (n,) + np.shape(v)), value)
+    return jax.device_put(host, local_device_sharding())
+
+
+def _device_put_sharded(sharded_tree: Any, devices) -> Any:
+    """Drop-in for jaxline.utils._device_put_sharded (used by its double_buffer)."""
+    del devices  # Always the local devices in jaxline.
+    return shard_local(sharded_tree)
+
+
+def ensure_flags_parsed() -> None:
+    """jaxline's decorators read absl flags; mark them parsed when called outside `app.run`."""
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def apply() -> None:
+    """Patches jaxline and JAX in place (idempotent)."""
+    if not hasattr(jax, "tree_map"):
+        jax.tree_map = jax.tree.map
+    from jaxline import utils as jaxline_utils  # pylint: disable=import-outside-toplevel
+    jaxline_utils.bcast_local_devices = bcast_local_devices
+    jaxline_utils._device_put_sharded = _device_put_sharded  # pylint: disable=protected-access
+    ensure_flags_parsed()

@@ -1,0 +1,261 @@
+"""Forecast verification: latitude-weighted RMSE, bias, ACC, persistence baseline, skill, figure.
+
+Conventions (WeatherBench2):
+* Latitude weights are proportional to the area of each grid cell (sin of the upper minus sin of the
+  lower cell edge, edges half-way between rows and clipped to the poles), normalized to mean 1.
+* RMSE: the weighted spatial mean of the squared error is averaged over initial times and the square
+  root is taken AFTER that average: rmse = sqrt(mean_t(mean_w(err^2))).
+* Bias: mean over initial times of the weighted spatial mean of (forecast - truth).
+* ACC: per initial time, the weighted correlation of anomalies from the climatology, then averaged.
+* Persistence forecasts the last input frame at every lead time; skill = 1 - rmse / rmse_persistence.
+
+Arrays follow the host batch layout: per variable [B, T, (L), H, W] with H latitude ascending.
+"""
+
+import io
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+
+# Headline metrics for TensorBoard: (variable, level or None) -> short name.
+HEADLINE = {("geopotential", 500): "z500", ("temperature", 850): "t850",
+            ("2m_temperature", None): "t2m", ("mean_sea_level_pressure", None): "msl",
+            ("10m_u_component_of_wind", None): "u10", ("10m_v_component_of_wind", None): "v10",
+            ("specific_humidity", 700): "q700"}
+
+
+def cell_area_weights(lat: np.ndarray) -> np.ndarray:
+    """WeatherBench2 latitude weights [H]: cell areas on the sphere, normalized to mean 1."""
+    lat = np.asarray(lat, np.float64)
+    if lat.ndim != 1 or lat.size < 2:
+        raise ValueError(f"cell_area_weights needs a 1-D latitude vector of >= 2 rows, got {lat.shape}.")
+    mid = (lat[1:] + lat[:-1]) / 2
+    edges = np.concatenate([[lat[0] - (mid[0] - lat[0])], mid, [lat[-1] + (lat[-1] - mid[-1])]])
+    edges = np.clip(edges, -90.0, 90.0)
+    weights = np.abs(np.sin(np.deg2rad(edges[1:])) - np.sin(np.deg2rad(edges[:-1])))
+    return weights / weights.mean()
+
+
+class MetricsAccumulator:
+    """Streams over evaluation batches and reduces to per (variable, level, lead) metrics."""
+
+    def __init__(self, lat: np.ndarray, levels: Sequence[int], lead_hours: Sequence[int]):
+        self._w = cell_area_weights(lat)[:, None]  # [H, 1]
+        self._levels = tuple(levels)
+        self._leads = tuple(int(h) for h in lead_hours)
+        self._sums: dict = {}  # (var, level, kind) -> [T] running sum over initial times
+        self._count = 0
+
+    def _wmean(self, x: np.ndarray) -> np.ndarray:
+        """Area-weighted spatial mean over the last two axes: [B, T, H, W] -> [B, T]."""
+        return (x * self._w).mean(axis=(-2, -1))
+
+    def _add(self, key, values: np.ndarray):
+        total = values.sum(axis=0)
+        self._sums[key] = self._sums.get(key, 0.0) + total
+
+    def add(self, predictions: Mapping[str, np.ndarray], targets: Mapping[str, np.ndarray],
+            last_inputs: Optional[Mapping[str, np.ndarray]] = None,
+            climatology: Optional[Mapping[str, np.ndarray]] = None) -> None:
+        """Adds one batch of forecasts.
+
+        last_inputs: {var: [B, (L), H, W]} last input frame (persistence baseline), optional;
+        climatology: {var: broadcastable to the target} (for ACC), optional.
+        """
+        batch = 0
+        for name, truth in targets.items():
+            truth = np.asarray(truth, np.float64)
+            pred = np.asarray(predictions[name], np.float64)
+            if pred.shape != truth.shape:
+                raise ValueError(f"Prediction of {name} has shape {pred.shape}, truth {truth.shape}.")
+            batch = truth.shape[0]
+            persist = clim = None
+            if last_inputs is not None and name in last_inputs:
+                persist = np.broadcast_to(np.asarray(last_inputs[name], np.float64)[:, None],
+                                          truth.shape)
+            if climatology is not None and name in climatology:
+                clim = np.broadcast_to(np.asarray(climatology[name], np.float64), truth.shape)
+            levels = self._levels if truth.ndim == 5 else (None,)
+            if truth.ndim not in (4, 5):
+                raise ValueError(f"{name}: expected [B, T, (L), H, W], got shape {truth.shape}.")
+            for i, level in enumerate(levels):
+                pick = (lambda a: a[:, :, i]) if level is not None else (lambda a: a)
+                p, t = pick(pred), pick(truth)
+                key = (name, level)
+                self._add(key + ("se",), self._wmean((p - t) ** 2))
+                self._add(key + ("err",), self._wmean(p - t))
+                if persist is not None:
+                    self._add(key + ("pse",), self._wmean((pick(persist) - t) ** 2))
+                if clim is not None:
+                    c = pick(clim)
+                    ap, at = p - c, t - c
+                    acc = self._wmean(ap * at) / np.sqrt(self._wmean(ap ** 2) * self._wmean(at ** 2))
+                    self._add(key + ("acc",), acc)
+        self._count += batch
+
+    def result(self) -> dict:
+        """{'rmse/<var>[/<level>]/<lead>h': value, ...} plus bias/, acc/, persistence_rmse/, skill/."""
+        if not self._count:
+            raise ValueError("MetricsAccumulator.result: no evaluation batches were added.")
+        out = {}
+        for (name, level, kind), total in self._sums.items():
+            mean = np.asarray(total) / self._count  # [T]
+            for i, lead in enumerate(self._leads[:len(mean)]):
+                suffix = f"{name}{'' if level is None else f'/{level}'}/{lead}h"
+                if kind == "se":
+                    out[f"rmse/{suffix}"] = float(np.sqrt(mean[i]))
+                elif kind == "err":
+                    out[f"bias/{suffix}"] = float(mean[i])
+                elif kind == "pse":
+                    out[f"persistence_rmse/{suffix}"] = float(np.sqrt(mean[i]))
+                elif kind == "acc":
+                    out[f"acc/{suffix}"] = float(mean[i])
+        for key in [k for k in out if k.startswith("rmse/")]:
+            base = out.get("persistence_" + key)
+            if base:
+                out["skill/" + key[len("rmse/"):]] = 1.0 - out[key] / base
+        return out
+
+    @property
+    def num_examples(self) -> int:
+        return self._count
+
+
+def headline(metrics: Mapping[str, float], lead_hours: int) -> dict:
+    """Short TensorBoard names for the headline variables at one lead time."""
+    out = {}
+    for (name, level), short in HEADLINE.items():
+        suffix = f"{name}{'' if level is None else f'/{level}'}/{lead_hours}h"
+        for kind in ("rmse", "persistence_rmse", "skill", "acc", "bias"):
+            if f"{kind}/{suffix}" in metrics:
+                out[f"headline/{short}_{kind}_{lead_hours}h"] = metrics[f"{kind}/{suffix}"]
+    return out
+
+
+def _field(arrays: Mapping[str, np.ndarray], name: str, level: Optional[int], levels, lead_index):
+    array = np.asarray(arrays[name])[0, lead_index]  # first example
+    if level is not None:
+        array = array[list(levels).index(level)]
+    return array
+
+
+def forecast_figure(predictions: Mapping[str, np.ndarray], targets: Mapping[str, np.ndarray],
+                    lat: np.ndarray, lon: np.ndarray, levels: Sequence[int], lead_index: int,
+                    lead_hours: int, title: str = "") -> bytes:
+    """PNG bytes: prediction, truth and error maps for z500 and t2m (those present) at one lead."""
+    import matplotlib  # pylint: disable=import-outside-toplevel
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
+
+    rows = [(n, l, s) for n, l, s in (("geopotential", 500, "z500"), ("2m_temperature", None, "t2m"))
+            if n in targets and (l is None or l in levels)]
+    if not rows:
+        raise ValueError("forecast_figure needs geopotential (with level 500) or 2m_temperature "
+                         f"among the targets; got {sorted(targets)}.")
+    fig, axes = plt.subplots(len(rows), 3, figsize=(12, 3.2 * len(rows)), squeeze=False)
+    extent = (float(lon[0]), float(lon[-1]), float(lat[0]), float(lat[-1]))
+    for r, (name, level, short) in enumerate(rows):
+        pred = _field(predictions, name, level, levels, lead_index)
+        truth = _field(targets, name, level, levels, lead_index)
+        lo, hi = float(min(pred.min(), truth.min())), float(max(pred.max(), truth.max()))
+        err = pred - truth
+        bound = float(np.abs(err).max()) or 1.0
+        for c, (data, label, kwargs) in enumerate((
+                (pred, "prediction", dict(vmin=lo, vmax=hi, cmap="viridis")),
+                (truth, "truth", dict(vmin=lo, vmax=hi, cmap="viridis")),
+                (err, "error", dict(vmin=-bound, vmax=bound, cmap="RdBu_r")))):
+            ax = axes[r, c]
+            im = ax.imshow(data, origin="lower", extent=extent, aspect="auto", **kwargs)
+            ax.set_title(f"{short} {label} +{lead_hours}h")
+            fig.colorbar(im, ax=ax, shrink=0.8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def png_to_array(png: bytes) -> np.ndarray:
+    """[H, W, 4] uint8 image of PNG bytes (for TensorBoard)."""
+    import matplotlib.image  # pylint: disable=import-outside-toplevel
+    image = matplotlib.image.imread(io.BytesIO(png), format="png")
+    return (np.asarray(image) * 255).round().astype(np.uint8)
+
+
+def allreduce(accumulator: MetricsAccumulator) -> MetricsAccumulator:
+    """Sums the accumulators of all processes (each evaluated its own share of the examples)."""
+    import jax  # pylint: disable=import-outside-toplevel
+    if jax.process_count() == 1:
+        return accumulator
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    keys = sorted(accumulator._sums, key=str)  # pylint: disable=protected-access
+    flat = np.concatenate([np.ravel(accumulator._sums[k]) for k in keys]  # pylint: disable=protected-access
+                          + [np.array([accumulator._count], np.float64)])  # pylint: disable=protected-access
+    total = np.asarray(multihost_utils.process_allgather(flat)).sum(axis=0)
+    offset = 0
+    for k in keys:
+        size = np.size(accumulator._sums[k])  # pylint: disable=protected-access
+        accumulator._sums[k] = total[offset:offset + size]  # pylint: disable=protected-access
+        offset += size
+    accumulator._count = int(round(total[-1]))  # pylint: disable=protected-access
+    return accumulator
+
+
+def mean_skill(metrics: Mapping[str, float]) -> float:
+    """Mean skill vs persistence over every variable, level and lead (eval's 'best' metric)."""
+    values = [v for k, v in metrics.items() if k.startswith("skill/") and np.isfinite(v)]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def summary_table(metrics: Mapping[str, float], step: int, lead_hours: Sequence[int]) -> str:
+    """Console table: RMSE of the model vs persistence for the headline variables."""
+    lines = [f"Evaluation at step {step}: lat-weighted RMSE (model / persistence, skill)"]
+    for (name, level), short in HEADLINE.items():
+        cells = []
+        for lead in lead_hours:
+            suffix = f"{name}{'' if level is None else f'/{level}'}/{lead}h"
+            if f"rmse/{suffix}" not in metrics:
+                continue
+            model = metrics[f"rmse/{suffix}"]
+            base = metrics.get(f"persistence_rmse/{suffix}")
+            cells.append(f"+{lead}h {model:.4g}" + (f" / {base:.4g} ({1 - model / base:+.0%})"
+                                                     if base else ""))
+        if cells:
+            lines.append(f"  {short:>5}: " + "; ".join(cells))
+    return "\n".join(lines)
+
+
+class Climatology:
+    """A climatology dataset (WeatherBench2 style: dims dayofyear, hour, [level,] lat, lon).
+
+    `at(init_times, lead_hours)` returns the values at every forecast's valid time, for ACC.
+    """
+
+    def __init__(self, path: str, task_config):
+        import xarray as xr  # pylint: disable=import-outside-toplevel
+        ds = xr.open_zarr(path) if not path.endswith(".nc") else xr.open_dataset(path)
+        ds = ds.rename({k: v for k, v in {"latitude": "lat", "longitude": "lon"}.items() if k in ds.dims})
+        missing = [v for v in task_config.target_variables if v not in ds]
+        if missing:
+            raise ValueError(f"Climatology {path} has no {missing}; it needs every target variable.")
+        if "level" in ds.dims:
+            ds = ds.sel(level=list(task_config.pressure_levels))
+        self._ds = ds.sortby("lat")[list(task_config.target_variables)]
+
+    def at(self, init_times: np.ndarray, lead_hours: Sequence[int]) -> dict:
+        """{var: [B, T, (L), H, W]} for valid times init_time + lead."""
+        import pandas as pd  # pylint: disable=import-outside-toplevel
+        import xarray as xr  # pylint: disable=import-outside-toplevel
+        valid = pd.DatetimeIndex(np.add.outer(np.asarray(init_times, "datetime64[ns]"),
+                                              np.array(lead_hours, "timedelta64[h]")).ravel())
+        shape = (len(init_times), len(lead_hours))
+        picked = self._ds.sel(dayofyear=xr.DataArray(valid.dayofyear, dims="t"),
+                              hour=xr.DataArray(valid.hour, dims="t"))
+        out = {}
+        for name, da in picked.data_vars.items():
+            dims = ["t"] + (["level"] if "level" in da.dims else []) + ["lat", "lon"]
+            values = np.asarray(da.transpose(*dims).values, np.float32)
+            out[name] = values.reshape(shape + values.shape[1:])
+        return out
