@@ -302,13 +302,14 @@ class _BatchStream:
         times = self._host_times(self._next)
         if self._pool is None:
             examples = [self.reader.read(t, self._num_steps) for t in times]
+            self._next += self.global_batch_size
         else:
             self._fill()
             first, steps, futures = self._queue.popleft()
             assert first == self._next and steps == self._num_steps
+            self._next += self.global_batch_size
+            self._fill()   # queue the following batches before waiting on this one
             examples = [f.result() for f in futures]
-            self._fill()   # keep the pipeline full while the caller computes
-        self._next += self.global_batch_size
         leading = (self.local_device_count, self.per_host // self.local_device_count)
         batch = stack_examples(examples, leading)
         batch["init_time"] = np.array(times, "datetime64[s]").reshape(leading)

@@ -118,9 +118,10 @@ def test_errors(dataset):
         _train(dataset, process_index=0, state={"epoch": 0, "position": 10 ** 6})
 
 
-def test_prefetch_identical_and_steps_change_keeps_order(dataset):
+@pytest.mark.parametrize("depth", [1, 3])
+def test_prefetch_identical_and_steps_change_keeps_order(dataset, depth):
     plain = _train(dataset, process_index=1, max_num_steps=2)
-    with _train(dataset, process_index=1, max_num_steps=2, prefetch=3, num_workers=2,
+    with _train(dataset, process_index=1, max_num_steps=2, prefetch=depth, num_workers=2,
                 cache_bytes=0) as fetched:
         for steps in (1, 1, 2, 2, 1):
             a, b = plain.next(num_steps=steps), fetched.next(num_steps=steps)
