@@ -13,6 +13,7 @@ No TensorFlow: jaxline.train is driven directly (jaxline.platform imports Tensor
 """
 
 import concurrent.futures
+import logging as std_logging
 import os
 import time
 from typing import Any, Mapping, Optional
@@ -459,8 +460,18 @@ def run(config, mode: str) -> None:
         raise ValueError(f"Unknown --jaxline_mode {mode!r}.")
 
 
+class _OwnInfoOnly(std_logging.Filter):
+    """Keeps the console readable: libraries' INFO lines (orbax, jaxline's config dump)
+    show only with --verbosity=1; our own INFO lines and every warning always show."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or "site-packages" not in record.pathname
+
+
 def main(argv) -> None:
     del argv
+    if flags.FLAGS["verbosity"].value < 1:
+        logging.get_absl_handler().addFilter(_OwnInfoOnly())
     config = _CONFIG.value
     apply_memory_settings(config.experiment_kwargs.config.memory)  # before JAX's backend starts
     initialize_distributed()
