@@ -66,8 +66,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--ar-steps", type=int, default=1)
     p.add_argument("--bf16", action="store_true")
-    p.add_argument("--remat", choices=["none", "steps"], default="steps",
-                   help="rematerialization policy: none, or per autoregressive step")
+    p.add_argument("--remat", choices=["none", "steps", "blocks", "steps+blocks"],
+                   default="steps", help="rematerialization policy: per autoregressive step, "
+                   "per MLP+LayerNorm block, both, or none")
     p.add_argument("--plain", action="store_true",
                    help="concatenate-then-multiply edge MLPs (the reference's formulation)")
     p.add_argument("--iters", type=int, default=5)
@@ -85,7 +86,8 @@ def main() -> None:
     lon = np.arange(0, 360, args.resolution, dtype=np.float32)
     t0 = time.perf_counter()
     predictor = rollout.Predictor(model_config, task, unit_stats(task), lat, lon, bf16=args.bf16,
-                                  remat_steps=args.remat == "steps",
+                                  remat_steps="steps" in args.remat,
+                                  remat_blocks="blocks" in args.remat,
                                   split_first_layer=not args.plain,
                                   graph_cache_dir=args.graph_cache_dir)
     graph_s = time.perf_counter() - t0

@@ -27,11 +27,12 @@ class GraphCastNetwork:
       task_config: decides the number of output channels.
       graphs: the static grid/mesh graphs and their structural features.
       dtype: activation dtype (float32, or bfloat16 for the mixed-precision path).
-      split_first_layer: see `typed_graph_net.TypedGraphNet`.
+      split_first_layer, remat_blocks: see `typed_graph_net.TypedGraphNet`.
     """
 
     def __init__(self, model_config: config_lib.ModelConfig, task_config: config_lib.TaskConfig,
-                 graphs: graphs_lib.StaticGraphs, dtype=jnp.float32, split_first_layer: bool = True):
+                 graphs: graphs_lib.StaticGraphs, dtype=jnp.float32, split_first_layer: bool = True,
+                 remat_blocks: bool = False):
         self._graphs = graphs
         self._dtype = dtype
 
@@ -39,7 +40,7 @@ class GraphCastNetwork:
             return typed_graph_net.TypedGraphNet(
                 name=name, latent_size=model_config.latent_size,
                 hidden_layers=model_config.hidden_layers, split_first_layer=split_first_layer,
-                **kwargs)
+                remat_blocks=remat_blocks, **kwargs)
 
         # Constructed here, once, at the top level of the transformed function: calling the
         # network again (every autoregressive step) reuses the same parameters.

@@ -53,6 +53,7 @@ class Predictor:
       bf16: run the network in bfloat16 (parameters stay float32; aggregation on the
         encoder, normalization, residuals and loss stay float32).
       remat_steps: rematerialize each autoregressive step in the backward pass.
+      remat_blocks: rematerialize each MLP + LayerNorm block inside the network.
       split_first_layer: see `typed_graph_net.TypedGraphNet` (same function, faster).
       graphs: prebuilt static graphs (built, or read from `graph_cache_dir`, if absent).
     """
@@ -60,7 +61,8 @@ class Predictor:
     def __init__(self, model_config: config_lib.ModelConfig,
                  task_config: config_lib.TaskConfig, stats: normalization.Stats,
                  grid_lat: np.ndarray, grid_lon: np.ndarray, *, bf16: bool = False,
-                 remat_steps: bool = True, split_first_layer: bool = True,
+                 remat_steps: bool = True, remat_blocks: bool = False,
+                 split_first_layer: bool = True,
                  graphs: Optional[graphs_lib.StaticGraphs] = None,
                  graph_cache_dir: Optional[str] = None):
         self.model_config = model_config
@@ -70,6 +72,7 @@ class Predictor:
         self.grid_lon = np.asarray(grid_lon, np.float32)
         self.bf16 = bf16
         self.remat_steps = remat_steps
+        self.remat_blocks = remat_blocks
         self.split_first_layer = split_first_layer
         self.graphs = graphs if graphs is not None else graphs_lib.build_graphs(
             model_config, self.grid_lat, self.grid_lon, cache_dir=graph_cache_dir)
@@ -128,7 +131,7 @@ class Predictor:
         return model.GraphCastNetwork(
             self.model_config, self.task_config, self.graphs,
             dtype=jnp.bfloat16 if self.bf16 else jnp.float32,
-            split_first_layer=self.split_first_layer)
+            split_first_layer=self.split_first_layer, remat_blocks=self.remat_blocks)
 
     def _network_outputs(self, network: model.GraphCastNetwork, inputs: Arrays,
                          forcings: Arrays) -> dict:
@@ -148,7 +151,12 @@ class Predictor:
         return {v: jnp.concatenate([x[:, 1:], newest[v]], axis=1) for v, x in rolling.items()}
 
     def _scan(self, body, rolling, xs, num_steps):
-        if self.remat_steps and num_steps > 1:
+        if num_steps == 1:
+            # A one-iteration loop would keep every activation for the backward pass in
+            # loop-carried buffers; calling the step directly lets XLA free them early.
+            rolling, ys = body(rolling, jax.tree.map(lambda x: x[0], xs))
+            return rolling, jax.tree.map(lambda y: y[None], ys)
+        if self.remat_steps:
             body = hk.remat(body)
         return hk.scan(body, rolling, xs, length=num_steps)
 

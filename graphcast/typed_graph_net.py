@@ -89,12 +89,15 @@ class TypedGraphNet(hk.Module):
       f32_aggregation: sum messages in float32 whatever the activation dtype.
       split_first_layer: project sender/receiver node tables through their slice of the
         edge MLP's first layer before gathering (same function, far less per-edge work).
+      remat_blocks: recompute each MLP + LayerNorm block in the backward pass instead of
+        keeping its intermediate activations (less memory, about one more forward pass).
     """
 
     def __init__(self, *, name: str, latent_size: int, hidden_layers: int,
                  edge_sets: Sequence[str], node_sets: Sequence[str], num_steps: int,
                  embed_nodes: bool, node_output_sizes: Optional[Mapping[str, int]] = None,
-                 f32_aggregation: bool = False, split_first_layer: bool = True):
+                 f32_aggregation: bool = False, split_first_layer: bool = True,
+                 remat_blocks: bool = False):
         super().__init__(name=name)
         self._latent_size = latent_size
         self._hidden_layers = hidden_layers
@@ -105,6 +108,7 @@ class TypedGraphNet(hk.Module):
         self._node_output_sizes = dict(node_output_sizes or {})
         self._f32_aggregation = f32_aggregation
         self._split_first_layer = split_first_layer
+        self._remat_blocks = remat_blocks
 
     def _networks_builder(self):
         """Builds every block; its name puts `~_networks_builder` into the parameter paths."""
@@ -137,10 +141,16 @@ class TypedGraphNet(hk.Module):
         """Returns the updated node features `{node_set: [N, B, F]}`."""
         blocks = self._networks_builder()
 
+        remat = hk.remat if self._remat_blocks else (lambda f: f)
+
         def apply(name, x):
             mlp, norm = blocks[name]
-            y = mlp(x)
-            return norm(y) if norm is not None else y
+            return remat(lambda x: norm(mlp(x)))(x)
+
+        def edge_update(name, edge_set):
+            block = blocks[name]
+            return remat(lambda e, s, r: self._edge_update(block, edge_set, e, s, r))(
+                edge_set.features, nodes[edge_set.sender_set], nodes[edge_set.receiver_set])
 
         edges = {e: dataclasses.replace(s, features=apply(f"encoder_edges_{e}", s.features))
                  for e, s in edges.items()}
@@ -154,8 +164,7 @@ class TypedGraphNet(hk.Module):
                  for v, x in nodes.items()}
 
         for k in range(self._num_steps):
-            messages = {e: self._edge_update(blocks[f"processor_edges_{k}_{e}"], s, nodes)
-                        for e, s in edges.items()}
+            messages = {e: edge_update(f"processor_edges_{k}_{e}", s) for e, s in edges.items()}
             updates = {}
             for v in self._node_sets:
                 incoming = [self._aggregate(messages[e], edges[e], nodes[v].shape[0])
@@ -171,19 +180,18 @@ class TypedGraphNet(hk.Module):
             nodes[v] = mlp(nodes[v])
         return nodes
 
-    def _edge_update(self, block, edge_set: EdgeSet, nodes) -> jax.Array:
+    def _edge_update(self, block, edge_set: EdgeSet, features: jax.Array,
+                     sender_nodes: jax.Array, receiver_nodes: jax.Array) -> jax.Array:
         """New messages `LN(MLP([e, v_s[senders], v_r[receivers]]))`: [E, B, L]."""
         mlp, norm = block
-        sender_nodes = nodes[edge_set.sender_set]
-        receiver_nodes = nodes[edge_set.receiver_set]
         if self._split_first_layer:
             e_part, s_part, r_part, bias = mlp.layers[0].parts(
-                [edge_set.features, sender_nodes, receiver_nodes])
+                [features, sender_nodes, receiver_nodes])
             h = (e_part + s_part[edge_set.senders]) + r_part[edge_set.receivers] + bias
         else:
             batch = sender_nodes.shape[1]
-            features = jnp.broadcast_to(edge_set.features, edge_set.features.shape[:1]
-                                        + (batch,) + edge_set.features.shape[2:])
+            features = jnp.broadcast_to(features, features.shape[:1] + (batch,)
+                                        + features.shape[2:])
             h = mlp.layers[0](jnp.concatenate(
                 [features, sender_nodes[edge_set.senders], receiver_nodes[edge_set.receivers]],
                 axis=-1))
