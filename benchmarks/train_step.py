@@ -69,6 +69,8 @@ def main() -> None:
     p.add_argument("--remat", choices=["none", "steps", "blocks", "steps+blocks"],
                    default="steps", help="rematerialization policy: per autoregressive step, "
                    "per MLP+LayerNorm block, both, or none")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="process grid<->mesh edges and grid nodes in blocks of this many")
     p.add_argument("--plain", action="store_true",
                    help="concatenate-then-multiply edge MLPs (the reference's formulation)")
     p.add_argument("--iters", type=int, default=5)
@@ -88,6 +90,7 @@ def main() -> None:
     predictor = rollout.Predictor(model_config, task, unit_stats(task), lat, lon, bf16=args.bf16,
                                   remat_steps="steps" in args.remat,
                                   remat_blocks="blocks" in args.remat,
+                                  block_size=args.block_size,
                                   split_first_layer=not args.plain,
                                   graph_cache_dir=args.graph_cache_dir)
     graph_s = time.perf_counter() - t0

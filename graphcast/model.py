@@ -6,7 +6,8 @@ creates its three haiku modules (`grid2mesh_gnn`, `mesh_gnn`, `mesh2grid_gnn`) a
 the top level of the transformed function, as the official parameter paths require.
 """
 
-import haiku as hk
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,12 +28,13 @@ class GraphCastNetwork:
       task_config: decides the number of output channels.
       graphs: the static grid/mesh graphs and their structural features.
       dtype: activation dtype (float32, or bfloat16 for the mixed-precision path).
-      split_first_layer, remat_blocks: see `typed_graph_net.TypedGraphNet`.
+      split_first_layer, remat_blocks, block_size: see `typed_graph_net.TypedGraphNet`
+        (the block size applies to the encoder's and decoder's grid<->mesh edges).
     """
 
     def __init__(self, model_config: config_lib.ModelConfig, task_config: config_lib.TaskConfig,
                  graphs: graphs_lib.StaticGraphs, dtype=jnp.float32, split_first_layer: bool = True,
-                 remat_blocks: bool = False):
+                 remat_blocks: bool = False, block_size: Optional[int] = None):
         self._graphs = graphs
         self._dtype = dtype
 
@@ -45,12 +47,14 @@ class GraphCastNetwork:
         # Constructed here, once, at the top level of the transformed function: calling the
         # network again (every autoregressive step) reuses the same parameters.
         self._encoder = gnn("grid2mesh_gnn", edge_sets=("grid2mesh",), node_sets=(GRID, MESH),
-                            num_steps=1, embed_nodes=True, f32_aggregation=True)
+                            num_steps=1, embed_nodes=True, f32_aggregation=True,
+                            block_size=block_size)
         self._processor = gnn("mesh_gnn", edge_sets=("mesh",), node_sets=(MESH,),
                               num_steps=model_config.gnn_msg_steps, embed_nodes=False)
         self._decoder = gnn("mesh2grid_gnn", edge_sets=("mesh2grid",), node_sets=(GRID, MESH),
                             num_steps=1, embed_nodes=False,
-                            node_output_sizes={GRID: task_config.num_outputs()})
+                            node_output_sizes={GRID: task_config.num_outputs()},
+                            block_size=block_size)
 
     def _edge_set(self, sender_set, receiver_set, senders, receivers, features):
         # Static features are cast straight from their stored dtype (float64 for edges) to the

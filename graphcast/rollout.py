@@ -54,6 +54,7 @@ class Predictor:
         encoder, normalization, residuals and loss stay float32).
       remat_steps: rematerialize each autoregressive step in the backward pass.
       remat_blocks: rematerialize each MLP + LayerNorm block inside the network.
+      block_size: process grid<->mesh edges and grid nodes in blocks of this many (memory).
       split_first_layer: see `typed_graph_net.TypedGraphNet` (same function, faster).
       graphs: prebuilt static graphs (built, or read from `graph_cache_dir`, if absent).
     """
@@ -62,6 +63,7 @@ class Predictor:
                  task_config: config_lib.TaskConfig, stats: normalization.Stats,
                  grid_lat: np.ndarray, grid_lon: np.ndarray, *, bf16: bool = False,
                  remat_steps: bool = True, remat_blocks: bool = False,
+                 block_size: Optional[int] = None,
                  split_first_layer: bool = True,
                  graphs: Optional[graphs_lib.StaticGraphs] = None,
                  graph_cache_dir: Optional[str] = None):
@@ -73,6 +75,7 @@ class Predictor:
         self.bf16 = bf16
         self.remat_steps = remat_steps
         self.remat_blocks = remat_blocks
+        self.block_size = block_size
         self.split_first_layer = split_first_layer
         self.graphs = graphs if graphs is not None else graphs_lib.build_graphs(
             model_config, self.grid_lat, self.grid_lon, cache_dir=graph_cache_dir)
@@ -131,7 +134,8 @@ class Predictor:
         return model.GraphCastNetwork(
             self.model_config, self.task_config, self.graphs,
             dtype=jnp.bfloat16 if self.bf16 else jnp.float32,
-            split_first_layer=self.split_first_layer, remat_blocks=self.remat_blocks)
+            split_first_layer=self.split_first_layer, remat_blocks=self.remat_blocks,
+            block_size=self.block_size)
 
     def _network_outputs(self, network: model.GraphCastNetwork, inputs: Arrays,
                          forcings: Arrays) -> dict:

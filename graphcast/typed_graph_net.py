@@ -6,6 +6,11 @@ and optionally decodes some node sets. Haiku paths match the official checkpoint
 every sub-module is built inside `_networks_builder`, so parameters live under
 `<gnn>/~_networks_builder/<block>_mlp/~/linear_<i>` and `<block>_layer_norm`.
 
+The message-passing rounds run as a `lax.scan` over the rounds' stacked parameters
+(read through those modules), with pure MLP / LayerNorm functions: a loop XLA can
+rematerialize round by round, where an unrolled Python loop would keep every
+round's activations.
+
 Node features are `[N, B, F]` (node-major, so gathers and segment sums act on
 axis 0); edge features are `[E, B, F]` or, when batch independent, `[E, 1, F]`.
 """
@@ -18,34 +23,76 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+LAYER_NORM_EPS = 1e-5
+
+
+# Pure functions of explicit parameters -------------------------------------------------
+
+def mlp_apply(layers: Sequence[tuple], x: jax.Array) -> jax.Array:
+    """`layers` = [(w, b), ...]: linear layers with swish between them."""
+    for i, (w, b) in enumerate(layers):
+        if i:
+            x = jax.nn.swish(x)
+        x = jnp.dot(x, w) + b
+    return x
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, offset: jax.Array) -> jax.Array:
+    """LayerNorm over the last axis with exact variance (the formula haiku's LayerNorm uses)."""
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    variance = jnp.var(x, axis=-1, keepdims=True)
+    inv = scale * jax.lax.rsqrt(variance + jnp.asarray(LAYER_NORM_EPS, variance.dtype))
+    return inv * (x - mean) + offset
+
+
+def block_apply(params: Mapping, x: jax.Array) -> jax.Array:
+    """MLP followed by LayerNorm (every block but the final decoder)."""
+    return layer_norm(mlp_apply(params["mlp"], x), *params["norm"])
+
+
+def first_layer_parts(params: Mapping, parts: Sequence[jax.Array]) -> list:
+    """`[x_i @ w[rows_i]]` for the concatenation `[x_0, x_1, ...]` of a block's input.
+
+    Summed (plus the bias) they equal the first layer applied to the concatenation; the
+    split lets a caller project node tables before gathering them onto the edges.
+    """
+    w = params["mlp"][0][0]
+    offsets = np.cumsum([0] + [p.shape[-1] for p in parts])
+    return [jnp.dot(p, w[lo:hi]) for p, lo, hi in zip(parts, offsets[:-1], offsets[1:])]
+
+
+def block_from_first_layer(params: Mapping, h: jax.Array) -> jax.Array:
+    """Rest of a block from the first layer's pre-activation `h` (bias included)."""
+    return layer_norm(mlp_apply(params["mlp"][1:], jax.nn.swish(h)), *params["norm"])
+
+
+def _group_size(num_rounds: int) -> int:
+    """The largest divisor of `num_rounds` not above its square root (rounded up)."""
+    limit = int(np.ceil(np.sqrt(num_rounds)))
+    return max(g for g in range(1, limit + 1) if num_rounds % g == 0)
+
+
+def _blocking(count: int, max_size: int) -> tuple:
+    """(blocks, block size, padding) covering `count` rows with blocks of at most `max_size`;
+    equal blocks without padding when they divide `count` (reshapes are then free)."""
+    num_blocks = -(-count // max_size)
+    size = -(-count // num_blocks)
+    return num_blocks, size, num_blocks * size - count
+
+
+# Parameter-owning modules (they fix the checkpoint paths) --------------------------------
 
 class Linear(hk.Module):
-    """`y = x @ w + b` whose weight rows can also be applied to parts of a concatenated input."""
-
     def __init__(self, output_size: int, name: str):
         super().__init__(name=name)
         self.output_size = output_size
 
-    def _weights(self, input_size: int, dtype):
+    def params(self, input_size: int, dtype) -> tuple:
+        """(w [input_size, output_size], b [output_size]), created on first use."""
         w_init = hk.initializers.TruncatedNormal(stddev=1.0 / np.sqrt(input_size))
         w = hk.get_parameter("w", [input_size, self.output_size], dtype, init=w_init)
         b = hk.get_parameter("b", [self.output_size], dtype, init=jnp.zeros)
         return w, b
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        w, b = self._weights(x.shape[-1], x.dtype)
-        return jnp.dot(x, w) + b
-
-    def parts(self, parts: Sequence[jax.Array]) -> list:
-        """Per-part products `[x_i @ w[rows_i]]` of the concatenation `[x_0, x_1, ...]`, bias last.
-
-        `sum(parts(xs)[:-1]) + parts(xs)[-1]` equals `self(concat(xs))` up to float rounding;
-        the split lets a caller project small node tables before gathering them onto edges.
-        """
-        widths = [p.shape[-1] for p in parts]
-        w, b = self._weights(sum(widths), parts[0].dtype)
-        offsets = np.cumsum([0] + widths)
-        return [jnp.dot(p, w[lo:hi]) for p, lo, hi in zip(parts, offsets[:-1], offsets[1:])] + [b]
 
 
 class MLP(hk.Module):
@@ -57,14 +104,35 @@ class MLP(hk.Module):
         sizes = [latent_size] * hidden_layers + [output_size]
         self.layers = [Linear(size, name=f"linear_{i}") for i, size in enumerate(sizes)]
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.from_first_layer(self.layers[0](x))
+    def params(self, input_size: int, dtype) -> list:
+        widths = [input_size] + [layer.output_size for layer in self.layers[:-1]]
+        return [layer.params(width, dtype) for layer, width in zip(self.layers, widths)]
 
-    def from_first_layer(self, h: jax.Array) -> jax.Array:
-        """Continue from the (pre-activation) output of the first layer."""
-        for layer in self.layers[1:]:
-            h = layer(jax.nn.swish(h))
-        return h
+
+class LayerNorm(hk.Module):
+    def params(self, width: int, dtype) -> tuple:
+        scale = hk.get_parameter("scale", [width], dtype, init=jnp.ones)
+        offset = hk.get_parameter("offset", [width], dtype, init=jnp.zeros)
+        return scale, offset
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """An MLP, optionally followed by a LayerNorm."""
+    mlp: MLP
+    norm: Optional[LayerNorm]
+
+    def params(self, input_size: int, dtype) -> dict:
+        params = {"mlp": self.mlp.params(input_size, dtype)}
+        if self.norm is not None:
+            params["norm"] = self.norm.params(self.mlp.layers[-1].output_size, dtype)
+        return params
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        params = self.params(x.shape[-1], x.dtype)
+        if self.norm is None:
+            return mlp_apply(params["mlp"], x)
+        return block_apply(params, x)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,15 +157,19 @@ class TypedGraphNet(hk.Module):
       f32_aggregation: sum messages in float32 whatever the activation dtype.
       split_first_layer: project sender/receiver node tables through their slice of the
         edge MLP's first layer before gathering (same function, far less per-edge work).
-      remat_blocks: recompute each MLP + LayerNorm block in the backward pass instead of
-        keeping its intermediate activations (less memory, about one more forward pass).
+      remat_blocks: recompute each message-passing round (and, in edge blocks, each block)
+        in the backward pass instead of keeping its activations.
+      block_size: with a single message-passing step (whose edge latents are discarded
+        afterwards, as in GraphCast's encoder and decoder), embed, update and sum the edges in
+        blocks of this many edges, so that no `[E, B, L]` tensor exists whole; node-wise blocks
+        (embedding, update, decoding) likewise run over blocks of this many nodes.
     """
 
     def __init__(self, *, name: str, latent_size: int, hidden_layers: int,
                  edge_sets: Sequence[str], node_sets: Sequence[str], num_steps: int,
                  embed_nodes: bool, node_output_sizes: Optional[Mapping[str, int]] = None,
                  f32_aggregation: bool = False, split_first_layer: bool = True,
-                 remat_blocks: bool = False):
+                 remat_blocks: bool = False, block_size: Optional[int] = None):
         super().__init__(name=name)
         self._latent_size = latent_size
         self._hidden_layers = hidden_layers
@@ -109,17 +181,16 @@ class TypedGraphNet(hk.Module):
         self._f32_aggregation = f32_aggregation
         self._split_first_layer = split_first_layer
         self._remat_blocks = remat_blocks
+        self._block_size = block_size if num_steps == 1 else None
 
-    def _networks_builder(self):
+    def _networks_builder(self) -> dict:
         """Builds every block; its name puts `~_networks_builder` into the parameter paths."""
         # Modules are created right here (not in a helper method, which would add its own
         # `~_<method>` path segment).
         def make_block(name, with_norm=True, output_size=None):
             mlp = MLP(self._latent_size, self._hidden_layers, output_size or self._latent_size,
                       name=f"{name}_mlp")
-            norm = (hk.LayerNorm(axis=-1, create_scale=True, create_offset=True,
-                                 name=f"{name}_layer_norm") if with_norm else None)
-            return mlp, norm
+            return Block(mlp, LayerNorm(name=f"{name}_layer_norm") if with_norm else None)
 
         blocks = {}
         for e in self._edge_sets:
@@ -134,68 +205,126 @@ class TypedGraphNet(hk.Module):
                 blocks[f"processor_nodes_{k}_{v}"] = make_block(f"processor_nodes_{k}_{v}")
         for v, size in self._node_output_sizes.items():
             blocks[f"decoder_nodes_{v}"] = make_block(f"decoder_nodes_{v}", with_norm=False,
-                                                       output_size=size)
+                                                      output_size=size)
         return blocks
 
     def __call__(self, nodes: Mapping[str, jax.Array], edges: Mapping[str, EdgeSet]) -> dict:
         """Returns the updated node features `{node_set: [N, B, F]}`."""
         blocks = self._networks_builder()
-
-        remat = hk.remat if self._remat_blocks else (lambda f: f)
-
-        def apply(name, x):
-            mlp, norm = blocks[name]
-            return remat(lambda x: norm(mlp(x)))(x)
-
-        def edge_update(name, edge_set):
-            block = blocks[name]
-            return remat(lambda e, s, r: self._edge_update(block, edge_set, e, s, r))(
-                edge_set.features, nodes[edge_set.sender_set], nodes[edge_set.receiver_set])
-
-        edges = {e: dataclasses.replace(s, features=apply(f"encoder_edges_{e}", s.features))
-                 for e, s in edges.items()}
         nodes = dict(nodes)
         if self._embed_nodes:
             for v in self._node_sets:
-                nodes[v] = apply(f"encoder_nodes_{v}", nodes[v])
+                params = blocks[f"encoder_nodes_{v}"].params(nodes[v].shape[-1], nodes[v].dtype)
+                nodes[v] = self._rows(lambda x, p=params: block_apply(p, x), nodes[v])
         # Batch-independent node sets (e.g. embedded mesh nodes, [N, 1, L]) join the batch here.
         batch = max(x.shape[1] for x in nodes.values())
         nodes = {v: jnp.broadcast_to(x, x.shape[:1] + (batch,) + x.shape[2:])
                  for v, x in nodes.items()}
+        dtype = next(iter(nodes.values())).dtype
 
-        for k in range(self._num_steps):
-            messages = {e: edge_update(f"processor_edges_{k}_{e}", s) for e, s in edges.items()}
-            updates = {}
-            for v in self._node_sets:
-                incoming = [self._aggregate(messages[e], edges[e], nodes[v].shape[0])
-                            for e in sorted(edges) if edges[e].receiver_set == v]
-                updates[v] = apply(f"processor_nodes_{k}_{v}",
-                                   jnp.concatenate([nodes[v]] + incoming, axis=-1))
-            nodes.update({v: nodes[v] + u for v, u in updates.items()})
-            edges = {e: dataclasses.replace(s, features=s.features + messages[e])
+        if self._block_size is not None:
+            sums = {e: self._blocked_sums(blocks, e, s, nodes) for e, s in edges.items()}
+            nodes = self._node_updates(self._step_params(blocks, 0, edges, dtype)["nodes"],
+                                       nodes, edges, sums)
+        else:
+            edges = {e: dataclasses.replace(s, features=blocks[f"encoder_edges_{e}"](s.features))
                      for e, s in edges.items()}
+            nodes = self._message_passing(blocks, nodes, edges, dtype)
 
         for v in self._node_output_sizes:
-            mlp, _ = blocks[f"decoder_nodes_{v}"]
-            nodes[v] = mlp(nodes[v])
+            params = blocks[f"decoder_nodes_{v}"].params(nodes[v].shape[-1], nodes[v].dtype)
+            nodes[v] = self._rows(lambda x, p=params: mlp_apply(p["mlp"], x), nodes[v])
         return nodes
 
-    def _edge_update(self, block, edge_set: EdgeSet, features: jax.Array,
-                     sender_nodes: jax.Array, receiver_nodes: jax.Array) -> jax.Array:
+    # Message passing ---------------------------------------------------------------------
+
+    def _step_params(self, blocks, step: int, edges: Mapping[str, EdgeSet], dtype) -> dict:
+        """Parameters of one round: `{"edges": {edge set: block}, "nodes": {node set: block}}`."""
+        latent = self._latent_size
+        incoming = {v: sum(s.receiver_set == v for s in edges.values()) for v in self._node_sets}
+        return {
+            "edges": {e: blocks[f"processor_edges_{step}_{e}"].params(3 * latent, dtype)
+                      for e in edges},
+            "nodes": {v: blocks[f"processor_nodes_{step}_{v}"].params((1 + incoming[v]) * latent,
+                                                                      dtype)
+                      for v in self._node_sets},
+        }
+
+    def _message_passing(self, blocks, nodes: dict, edges: dict, dtype) -> dict:
+        """All rounds, as a scan over the rounds' stacked parameters."""
+        step_params = [self._step_params(blocks, k, edges, dtype) for k in range(self._num_steps)]
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *step_params)
+        latents = {e: s.features for e, s in edges.items()}
+
+        def round_(carry, params):
+            nodes, latents = carry
+            graph = {e: dataclasses.replace(edges[e], features=latents[e]) for e in edges}
+            messages = {e: self._edge_messages(params["edges"][e], s, nodes)
+                        for e, s in graph.items()}
+            sums = {e: self._aggregate(messages[e], s, nodes[s.receiver_set].shape[0])
+                    for e, s in graph.items()}
+            nodes = self._node_updates(params["nodes"], nodes, graph, sums)
+            latents = {e: latents[e] + messages[e] for e in latents}
+            return (nodes, latents), None
+
+        # Edge latents start batch independent ([E, 1, L]) and gain the batch in round 1.
+        batch = next(iter(nodes.values())).shape[1]
+        latents = {e: jnp.broadcast_to(x, x.shape[:1] + (batch,) + x.shape[2:])
+                   for e, x in latents.items()}
+        carry = (nodes, latents)
+        if not self._remat_blocks:
+            return jax.lax.scan(round_, carry, stacked)[0][0]
+        # Rematerialize groups of g rounds, and rounds within a group: the backward pass
+        # keeps about S/g + g carries instead of S (g ~ sqrt(S)).
+        group = _group_size(self._num_steps)
+        grouped = jax.tree.map(lambda x: x.reshape((-1, group) + x.shape[1:]), stacked)
+
+        @jax.checkpoint
+        def group_of_rounds(carry, params):
+            return jax.lax.scan(jax.checkpoint(round_), carry, params)[0], None
+
+        return jax.lax.scan(group_of_rounds, carry, grouped)[0][0]
+
+    def _edge_messages(self, params, edge_set: EdgeSet, nodes: Mapping[str, jax.Array]):
         """New messages `LN(MLP([e, v_s[senders], v_r[receivers]]))`: [E, B, L]."""
-        mlp, norm = block
+        sender_nodes = nodes[edge_set.sender_set]
+        receiver_nodes = nodes[edge_set.receiver_set]
+        bias = params["mlp"][0][1]
         if self._split_first_layer:
-            e_part, s_part, r_part, bias = mlp.layers[0].parts(
-                [features, sender_nodes, receiver_nodes])
+            e_part, s_part, r_part = first_layer_parts(
+                params, [edge_set.features, sender_nodes, receiver_nodes])
             h = (e_part + s_part[edge_set.senders]) + r_part[edge_set.receivers] + bias
-        else:
-            batch = sender_nodes.shape[1]
-            features = jnp.broadcast_to(features, features.shape[:1] + (batch,)
-                                        + features.shape[2:])
-            h = mlp.layers[0](jnp.concatenate(
-                [features, sender_nodes[edge_set.senders], receiver_nodes[edge_set.receivers]],
-                axis=-1))
-        return norm(mlp.from_first_layer(h))
+            return block_from_first_layer(params, h)
+        batch = sender_nodes.shape[1]
+        features = jnp.broadcast_to(edge_set.features, edge_set.features.shape[:1] + (batch,)
+                                    + edge_set.features.shape[2:])
+        return block_apply(params, jnp.concatenate(
+            [features, sender_nodes[edge_set.senders], receiver_nodes[edge_set.receivers]],
+            axis=-1))
+
+    def _node_updates(self, params, nodes: dict, edges: Mapping[str, EdgeSet],
+                      sums: Mapping[str, jax.Array]) -> dict:
+        """`v + LN(MLP([v, sums of incoming edge sets in sorted order]))` for every node set."""
+        updated = dict(nodes)
+        for v in self._node_sets:
+            incoming = [sums[e] for e in sorted(edges) if edges[e].receiver_set == v]
+            updated[v] = self._rows(
+                lambda x, *inc, p=params[v]: x + block_apply(p, jnp.concatenate((x,) + inc, -1)),
+                nodes[v], *incoming)
+        return updated
+
+    def _rows(self, fn, *xs: jax.Array) -> jax.Array:
+        """`fn(*xs)` for a node-wise fn; with a block size, over blocks of rows (rematerialized
+        per block with `remat_blocks`), so that its intermediates exist one block at a time."""
+        if self._block_size is None or xs[0].shape[0] <= self._block_size:
+            return fn(*xs)
+        num_blocks, size, pad = _blocking(xs[0].shape[0], self._block_size)
+        rows = xs[0].shape[0]
+        blocked = tuple(jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(
+            (num_blocks, size) + x.shape[1:]) for x in xs)
+        body = jax.checkpoint(fn) if self._remat_blocks else fn
+        out = jax.lax.map(lambda args: body(*args), blocked)
+        return out.reshape((num_blocks * size,) + out.shape[2:])[:rows]
 
     def _aggregate(self, messages: jax.Array, edge_set: EdgeSet, num_nodes: int) -> jax.Array:
         """Sum of incoming messages per receiver node: [N, B, L]."""
@@ -203,3 +332,45 @@ class TypedGraphNet(hk.Module):
         if self._f32_aggregation:
             messages = messages.astype(jnp.float32)
         return jax.ops.segment_sum(messages, edge_set.receivers, num_segments=num_nodes).astype(dtype)
+
+    def _blocked_sums(self, blocks, name: str, edge_set: EdgeSet,
+                      nodes: Mapping[str, jax.Array]) -> jax.Array:
+        """Per-receiver sums of the new messages of one edge set, one block of edges at a time.
+
+        Each block embeds its static edge features, computes its messages from the
+        pre-projected sender/receiver tables and scatter-adds them into the running sums;
+        with `remat_blocks` the backward pass recomputes a block instead of storing it.
+        Padding edges (to fill the last block) are masked out. Returns [N_receivers, B, L].
+        """
+        receivers_table = nodes[edge_set.receiver_set]
+        dtype, latent = receivers_table.dtype, self._latent_size
+        sum_dtype = jnp.float32 if self._f32_aggregation else dtype
+        embed = blocks[f"encoder_edges_{name}"].params(edge_set.features.shape[-1], dtype)
+        update = blocks[f"processor_edges_0_{name}"].params(3 * latent, dtype)
+        # First-layer slices for senders and receivers, applied once to the node tables.
+        w = update["mlp"][0][0]
+        sender_part = jnp.dot(nodes[edge_set.sender_set], w[latent:2 * latent])  # [Ns, B, L]
+        receiver_part = jnp.dot(receivers_table, w[2 * latent:])                 # [Nr, B, L]
+
+        num_edges = edge_set.senders.shape[0]
+        num_blocks, size, pad = _blocking(num_edges, self._block_size)
+
+        def in_blocks(x):
+            x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+            return x.reshape((num_blocks, size) + x.shape[1:])
+
+        xs = (in_blocks(edge_set.features), in_blocks(edge_set.senders),
+              in_blocks(edge_set.receivers), in_blocks(jnp.ones((num_edges,), dtype)))
+
+        def block(sums, x):
+            features, senders, receivers, valid = x
+            latents = block_apply(embed, features)                                # [Eb, 1, L]
+            h = ((jnp.dot(latents, w[:latent]) + sender_part[senders]) + receiver_part[receivers]
+                 + update["mlp"][0][1])
+            messages = block_from_first_layer(update, h) * valid[:, None, None]
+            return sums.at[receivers].add(messages.astype(sum_dtype)), None
+
+        if self._remat_blocks:
+            block = jax.checkpoint(block)
+        sums, _ = jax.lax.scan(block, jnp.zeros(receivers_table.shape, sum_dtype), xs)
+        return sums.astype(dtype)
