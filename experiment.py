@@ -39,6 +39,7 @@ from training import compat
 from training import data_input
 from training import evaluation
 from training import optim
+from training import preflight
 from training import writer as writer_lib
 
 _AXIS = "devices"
@@ -102,6 +103,7 @@ class Experiment(jl_experiment.AbstractExperiment):
         self._restored = None        # snapshot restored before the lazy initialization
         self._data_state = None
         self._counters = {"nonfinite_skipped": 0, "consecutive_nonfinite": 0}
+        self._bad_steps = []         # steps of the current run of skipped updates (this process)
         self._source = None
         self._predictor = None
         self._train_input = None
@@ -220,17 +222,34 @@ class Experiment(jl_experiment.AbstractExperiment):
         self._pending = None
         if not int(_first_local(skipped)):
             self._counters["consecutive_nonfinite"] = 0
+            self._bad_steps = []
             return
         self._counters["nonfinite_skipped"] += 1
         self._counters["consecutive_nonfinite"] += 1
+        self._bad_steps.append(step)
         logging.warning("Step %d: non-finite loss or gradient; update skipped (batch init times %s).",
                         step, init_times)
         limit = self.config.training.max_consecutive_nonfinite
         if limit and self._counters["consecutive_nonfinite"] >= limit:
             raise NonFiniteError(
-                f"{self._counters['consecutive_nonfinite']} consecutive steps up to step {step} had a "
-                f"non-finite loss or gradient (last batch init times {init_times}); stopping "
-                "(training.max_consecutive_nonfinite). Check the data for NaNs or lower the LR.")
+                f"{self._counters['consecutive_nonfinite']} consecutive steps (steps "
+                f"{self._bad_steps}) had a non-finite loss or gradient (last batch init times "
+                f"{init_times}); stopping (training.max_consecutive_nonfinite={limit}). Check the "
+                "data for NaNs or lower the learning rate.")
+
+    def _next_batch(self) -> dict:
+        """The next host batch of the train iterator (tests override it to inject faults)."""
+        return self._train_input.next()
+
+    def _log_examples(self, step: int, init_times: np.ndarray) -> None:
+        """Appends `step init_time...` to training.example_log (audits the data order across
+        restarts: a replayed step after a restart repeats its line with the same times)."""
+        path = self.config.training.example_log
+        if not path or jax.process_index() != 0:
+            return
+        times = " ".join(str(t) for t in np.asarray(init_times).ravel())
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"{step} {times}\n")
 
     def step(self, *, global_step: jax.Array, rng: jax.Array, writer) -> dict:
         del rng, writer  # GraphCast's training step is deterministic.
@@ -242,10 +261,11 @@ class Experiment(jl_experiment.AbstractExperiment):
             logging.info("Step %d: the rollout curriculum now uses %d steps.", step, ar_steps)
             self._train_input.set_num_steps(ar_steps)  # drops prefetched batches of the old length
         began = time.perf_counter()
-        batch = self._train_input.next()
+        batch = self._next_batch()
         data_wait = time.perf_counter() - began
         self._data_state = self._train_input.state
         init_times = batch.pop("init_time")
+        self._log_examples(step, init_times)
         n_local = jax.local_device_count()
         update = self._update_fn(ar_steps)
         self._params, self._opt_state, scalars = update(
@@ -427,11 +447,25 @@ def _eval_action(checkpointer, config, writer) -> jl_utils.PeriodicAction:
         run_async=False, end_step_to_action=config.training_steps if exp_cfg.at_end else None)
 
 
+def check_before_start(config, mode: str = "train") -> None:
+    """training.preflight's checks of config and inputs: named errors before any compile or write."""
+    preflight.check_config(config)
+    exp = config.experiment_kwargs.config
+    model_config, task_config = model_config_from(exp), task_config_from(exp)
+    optim_config = optim.OptimConfig.from_mapping(dict(exp.optimizer))
+    ar_steps = max(optim.distinct_ar_steps(optim_config, exp.training.run_steps))
+    source = data_input.Source(exp.data, task_config, model_config.resolution)
+    eval_cfg = exp.eval
+    with_eval = mode != "train" or bool(eval_cfg.at_end or eval_cfg.interval_steps)
+    preflight.check_inputs(config, model_config, task_config, ar_steps, source, with_eval)
+
+
 def run(config, mode: str) -> None:
     """Runs one jaxline mode with the persistent checkpointer and the TensorBoard writer."""
     jl_base_config.validate_config(config)
     exp = config.experiment_kwargs.config
     data_input.ensure_sample_data(exp.data)
+    check_before_start(config, mode)
     with config.unlocked():
         exp.training.logdir = default_logdir(config)
     chief = jax.process_index() == 0
@@ -447,8 +481,12 @@ def run(config, mode: str) -> None:
         actions = (_eval_action(checkpointer, config, make_writer("eval")),)
         jl_train.train(Experiment, config, checkpointer, train_writer, periodic_actions=actions)
     elif mode == "eval":
-        jl_train.evaluate(Experiment, config, ckpt_lib.Checkpointer(config, mode),
-                          make_writer("eval"), jaxline_mode="eval")
+        checkpointer = ckpt_lib.Checkpointer(config, mode)
+        try:
+            jl_train.evaluate(Experiment, config, checkpointer, make_writer("eval"),
+                              jaxline_mode="eval")
+        finally:
+            checkpointer.close()  # finishes the async "best" save before the process exits
     elif mode == "train_eval_multithreaded":
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             training = pool.submit(jl_train.train, Experiment, config,

@@ -60,6 +60,8 @@ def get_base_config(task: gc_config.TaskConfig) -> config_dict.ConfigDict:
         workers=4,                   # reader threads
         generate_sample_dir="",      # if set and `source` is missing: python -m data.sample --out
         graph_cache_dir="",          # where built graphs are cached ('' = no cache)
+        storage_options={},          # gcsfs options (endpoint_url, project...); never credentials
+        check_nans=True,             # a NaN read from the source stops the run, naming it
     ))
 
     # --- optimizer: training.optim.OptimConfig (paper defaults) ---
@@ -74,6 +76,7 @@ def get_base_config(task: gc_config.TaskConfig) -> config_dict.ConfigDict:
         remat_steps=True,            # rematerialize each autoregressive step in backprop
         init_checkpoint="",          # official GraphCast .npz to fine-tune from (model/task checked)
         max_consecutive_nonfinite=10,  # stop after this many skipped (NaN/Inf) updates in a row
+        example_log="",              # if set: append each step's example init times (audit)
         logdir="",                   # TensorBoard dir ('' = <checkpoint_dir>/tb)
     ))
     exp.training.run_steps = config.get_ref("training_steps")  # follows config.training_steps
@@ -88,6 +91,7 @@ def get_base_config(task: gc_config.TaskConfig) -> config_dict.ConfigDict:
         climatology="",              # dataset with the targets' climatology (enables ACC)
         interval_steps=0,            # in-process evaluation every N train steps (0 = only at the end)
         at_end=True,                 # evaluate in-process after the last training step
+        restore_wait_s=600,          # eval job: wait this long for an unreadable checkpoint
     ))
 
     # --- memory: XLA client allocator, set in the environment before JAX's backend starts ---

@@ -9,8 +9,15 @@ state, ...) and jaxline's train RNG, as numpy in orbax's array store; every plai
 data-iterator state, counters, best metric) and the run's config as JSON. Orbax writes into a
 temporary directory and renames it when complete, so a half-written step is never listed and never
 restored; saves run in the background; only the newest `max_to_keep` steps are kept.
+
+Faults: a save whose arrays hold a NaN/Inf is refused (NonFiniteCheckpointError, naming the
+arrays) so no non-finite value reaches storage. Training restores the newest readable step (an
+unreadable one is logged and skipped); the eval job instead waits up to `eval.restore_wait_s` for
+an unreadable newest step to become readable (another job may still be writing it). Fields that
+look like credentials are redacted from the config saved with each checkpoint.
 """
 
+import json
 import os
 import time
 from typing import Any, Optional
@@ -21,6 +28,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from training import compat
+from training import preflight
 
 _ARRAY_TYPES = (np.ndarray, np.generic, jax.Array)
 
@@ -53,6 +61,39 @@ def _to_json(value: Any) -> Any:
     return value
 
 
+class NonFiniteCheckpointError(FloatingPointError):
+    """A checkpoint about to be written holds NaN/Inf values."""
+
+
+class CheckpointRestoreError(RuntimeError):
+    """No step of a checkpoint series could be read."""
+
+
+def check_finite(arrays: Any, what: str) -> None:
+    """Raises NonFiniteCheckpointError naming every floating array with a NaN/Inf."""
+    bad = [jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_leaves_with_path(arrays)
+           if np.issubdtype(np.asarray(x).dtype, np.floating) and not np.isfinite(x).all()]
+    if bad:
+        raise NonFiniteCheckpointError(f"Refusing to write {what}: non-finite values in {bad}.")
+
+
+def _redacted(tree: Any) -> Any:
+    """JSON config tree with credential-looking string fields replaced by '<redacted>'."""
+    if isinstance(tree, dict):
+        return {k: "<redacted>" if isinstance(v, str) and preflight.is_credential(k, v)
+                else _redacted(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_redacted(v) for v in tree]
+    return tree
+
+
+def config_json(config) -> str:
+    """The run's config as JSON for checkpoints, without credentials."""
+    if not hasattr(config, "to_json_best_effort"):
+        return "{}"
+    return json.dumps(_redacted(json.loads(config.to_json_best_effort())), sort_keys=True)
+
+
 class Checkpointer:
     """jaxline checkpointer writing orbax checkpoints to `config.checkpoint_dir`."""
 
@@ -63,8 +104,9 @@ class Checkpointer:
         root = str(config.checkpoint_dir).rstrip("/")
         self._root = root if "://" in root else os.path.abspath(root)  # orbax needs absolute paths
         self._mode = mode
-        self._config_json = config.to_json_best_effort() if hasattr(config, "to_json_best_effort") \
-            else "{}"
+        self._config_json = config_json(config)
+        exp = config.get("experiment_kwargs", {}).get("config", {})
+        self._restore_wait_s = float(exp.get("eval", {}).get("restore_wait_s", 600))
         self._keep = {"latest": max_to_keep or config.get("max_checkpoints_to_keep", 5),
                       "best": best_to_keep}
         self._async = enable_async
@@ -141,16 +183,49 @@ class Checkpointer:
             return
         meta = {"plain": _to_json(plain), "series": ckpt_series, "step": step,
                 "saved_at": time.time(), "config": self._config_json}
+        host_arrays = _to_host(arrays)
+        check_finite(host_arrays, f"checkpoint {ckpt_series} step {step}")
         manager.save(step, args=ocp.args.Composite(
-            arrays=ocp.args.StandardSave(_to_host(arrays)), meta=ocp.args.JsonSave(meta)))
+            arrays=ocp.args.StandardSave(host_arrays), meta=ocp.args.JsonSave(meta)))
         logging.info("Saving checkpoint %s step %d to %s (async).", ckpt_series, step,
                      self.directory(ckpt_series))
 
     def can_be_restored(self, ckpt_series: str) -> bool:
         return self.latest_step(ckpt_series) is not None
 
+    def _read_newest_readable(self, ckpt_series: str) -> tuple:
+        """(arrays, meta) of the newest step that reads back; older steps are tried in turn."""
+        failures = []
+        for step in reversed(self.all_steps(ckpt_series)):
+            try:
+                return self.read(ckpt_series, step)
+            except Exception as e:  # noqa: BLE001 -- any unreadable step: try the previous one
+                logging.error("Checkpoint %s/%d is unreadable (%s); trying the previous step.",
+                              self.directory(ckpt_series), step, e)
+                failures.append(f"step {step}: {e}")
+        raise CheckpointRestoreError(f"No readable checkpoint in {self.directory(ckpt_series)}: "
+                                     f"{failures or 'no complete step'}.")
+
+    def _read_waiting(self, ckpt_series: str) -> tuple:
+        """(arrays, meta) of the newest step, waiting while it is unreadable (being written)."""
+        deadline = time.monotonic() + self._restore_wait_s
+        while True:
+            try:
+                return self.read(ckpt_series)
+            except Exception as e:  # noqa: BLE001 -- half-written or vanished: wait and re-list
+                if time.monotonic() > deadline:
+                    raise CheckpointRestoreError(
+                        f"The newest checkpoint in {self.directory(ckpt_series)} stayed unreadable "
+                        f"for eval.restore_wait_s={self._restore_wait_s:g} s: {e}") from e
+                logging.warning("Newest checkpoint in %s is not readable yet (%s); waiting.",
+                                self.directory(ckpt_series), e)
+                time.sleep(min(2.0, self._restore_wait_s))
+
     def restore(self, ckpt_series: str) -> None:
-        arrays, meta = self.read(ckpt_series)
+        if self._mode == "eval":
+            arrays, meta = self._read_waiting(ckpt_series)
+        else:
+            arrays, meta = self._read_newest_readable(ckpt_series)
         plain = meta["plain"]
         state = self.get_experiment_state(ckpt_series)
         snapshot = {k.split("/", 1)[1]: v for k, v in {**arrays, **plain}.items()

@@ -43,8 +43,10 @@ class Source:
                              "zarr directory, gs:// zarr or netCDF file.")
         self.cfg = data_cfg
         self.task = task_config
-        self.dataset = sources.open_source(data_cfg.source, task_config=task_config,
-                                           resolution=resolution)
+        self.dataset = sources.open_source(
+            data_cfg.source, task_config=task_config, resolution=resolution,
+            storage_options=dict(data_cfg.get("storage_options") or {}) or None,
+            check_nans=data_cfg.get("check_nans", True))
         self.lat = np.asarray(self.dataset["lat"].values)
         self.lon = np.asarray(self.dataset["lon"].values)
 
