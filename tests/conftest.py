@@ -10,6 +10,8 @@ off. Use `storage_options={"token": "anon", "endpoint_url": endpoint_url}` with 
 import http.server
 import os
 import socket
+import urllib.parse
+import urllib.request
 
 import pytest
 
@@ -102,3 +104,21 @@ def synthetic_wb2(*, resolution: float = 5.625, levels=(500, 700, 850), start="2
 def make_wb2():
     """Factory fixture: make_wb2(**kwargs) -> synthetic WeatherBench2-layout Dataset."""
     return synthetic_wb2
+
+
+def upload_tree(endpoint: str, bucket: str, local_dir: str, prefix: str) -> None:
+    """Copies a local folder (e.g. a zarr store) into the emulator, byte-exactly.
+
+    gcp-storage-emulator's multipart upload parser drops a trailing b"\\r" from the object,
+    which corrupts about 1 in 40 compressed zarr chunks; simple media uploads are exact.
+    """
+    for dirpath, _, filenames in os.walk(local_dir):
+        for filename in filenames:
+            path = os.path.join(dirpath, filename)
+            name = f"{prefix}/{os.path.relpath(path, local_dir)}"
+            query = urllib.parse.urlencode({"uploadType": "media", "name": name})
+            with open(path, "rb") as f:
+                request = urllib.request.Request(
+                    f"{endpoint}/upload/storage/v1/b/{bucket}/o?{query}", data=f.read(),
+                    method="POST", headers={"Content-Type": "application/octet-stream"})
+            urllib.request.urlopen(request, timeout=30).read()

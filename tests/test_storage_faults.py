@@ -17,7 +17,7 @@ import pytest
 import xarray as xr
 
 import experiment
-from conftest import _LOOPBACK_ENV, free_port
+from conftest import _LOOPBACK_ENV, free_port, upload_tree
 from data import examples, sources, validate
 from test_experiment import ROOT, _cli_overrides
 from test_experiment import sample_dir  # noqa: F401  (session fixture: the synthetic sample)
@@ -40,13 +40,29 @@ _EMULATOR = textwrap.dedent("""
 """)
 
 
+def _port_outside_ephemeral_range() -> int:
+    """A free port below the kernel's ephemeral range: while the relay is down, a client that
+    keeps reconnecting to an ephemeral-range port can connect to itself (TCP simultaneous
+    open) and hold the port, so the relay could not come back on it."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        low = int(f.read().split()[0])
+    for port in range(low - 1, 1024, -1):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no free port below the ephemeral range")
+
+
 class Outage:
     """The storage endpoint clients use: a TCP relay to the emulator that can go down (listening
     socket closed, open connections reset: clients see refused/reset connections) and come back
     on the same port with the same objects behind it."""
 
     def __init__(self, target_port: int):
-        self.target, self.port = target_port, free_port()
+        self.target, self.port = target_port, _port_outside_ephemeral_range()
         self.url = f"http://127.0.0.1:{self.port}"
         self._listener, self._open, self._lock = None, [], threading.Lock()
 
@@ -55,6 +71,9 @@ class Outage:
         threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
 
     def down(self):
+        # shutdown() wakes the thread blocked in accept(); close() alone would leave the
+        # socket listening until that call returns.
+        self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()
         with self._lock:
             for sock in self._open:
@@ -107,17 +126,11 @@ def emulator(sample_dir, monkeypatch):  # noqa: F811
     relay = Outage(port)
     relay.up()
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", relay.url)
-    xr.open_zarr(f"{sample_dir}/era5_sample.zarr").to_zarr(  # gcsfs `put` garbles binaries here
-        f"gs://{BUCKET}/era5_sample.zarr", consolidated=True, zarr_format=2,
-        storage_options={"token": "anon", "endpoint_url": f"http://127.0.0.1:{port}"})
+    upload_tree(f"http://127.0.0.1:{port}", BUCKET, os.path.realpath(f"{sample_dir}/era5_sample.zarr"),
+                "era5_sample.zarr")
     yield relay
     os.kill(server.pid, signal.SIGKILL)
     server.wait(timeout=30)
-
-
-_EMULATOR_CORRUPTS = pytest.mark.skip(
-    reason="gcp-storage-emulator in a subprocess served corrupt zarr chunks (blosc decompression "
-           "error) to experiment.py's concurrent reads even without any outage; unresolved")
 
 
 def _gcs_args(sample, run, log, source=f"gs://{BUCKET}/era5_sample.zarr"):
@@ -140,7 +153,6 @@ def _expected_order(sample, batch=2):
     return [str(t.astype("datetime64[s]")) for t in it.epoch_order(0)[: STEPS * batch]]
 
 
-@_EMULATOR_CORRUPTS
 @pytest.mark.slow
 def test_outage_mid_epoch_is_retried_and_loses_no_example(sample_dir, tmp_path, emulator):  # noqa: F811
     run, log = tmp_path / "run", tmp_path / "examples.txt"
@@ -181,7 +193,10 @@ def test_missing_bucket_object_and_403_name_the_url(sample_dir, tmp_path, emulat
     assert not os.path.exists(config.checkpoint_dir)
 
 
-@_EMULATOR_CORRUPTS
+@pytest.mark.xfail(run=False, reason=(
+    "Known gap (issue 6, item 4): after a 10 s outage during an async orbax save to gs://, "
+    "the training process hangs (> 5 min) instead of finishing or failing; orbax's "
+    "AsyncOptions(timeout_secs) did not bound it. Not run: it would hang CI."))
 @pytest.mark.slow
 def test_gs_checkpoints_survive_an_outage_or_fail_loudly(sample_dir, tmp_path, emulator):  # noqa: F811
     """Smoke test (orbax on the emulator fails ~1 save in 30: one retry): checkpoints to gs://
