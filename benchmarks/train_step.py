@@ -20,38 +20,12 @@ import numpy as np
 import optax
 
 from graphcast import config as config_lib
-from graphcast import normalization
+from graphcast import memory
 from graphcast import rollout
 
 
 def bench_task(levels: int) -> config_lib.TaskConfig:
     return dataclasses.replace(config_lib.TASK_13, pressure_levels=config_lib.PRESSURE_LEVELS[levels])
-
-
-def unit_stats(task: config_lib.TaskConfig) -> normalization.Stats:
-    names = set(task.input_variables) | set(task.target_variables) | set(task.forcing_variables)
-    levels = len(task.pressure_levels)
-    shape = lambda v: (levels,) if v in config_lib.ALL_ATMOSPHERIC_VARS else ()
-    ones = {v: np.ones(shape(v), np.float32) for v in names}
-    zeros = {v: np.zeros(shape(v), np.float32) for v in names}
-    return normalization.Stats(mean=zeros, stddev=ones, diffs_stddev=ones)
-
-
-def batch_shapes(task, batch, ar_steps, height, width) -> dict:
-    levels = len(task.pressure_levels)
-
-    def shape(v, steps):
-        if v in config_lib.STATIC_VARS:
-            return (batch, height, width)
-        if v in config_lib.ALL_ATMOSPHERIC_VARS:
-            return (batch, steps, levels, height, width)
-        return (batch, steps, height, width)
-
-    return {
-        "inputs": {v: shape(v, task.num_input_frames) for v in task.input_variables},
-        "targets": {v: shape(v, ar_steps) for v in task.target_variables},
-        "forcings": {v: shape(v, ar_steps) for v in task.forcing_variables},
-    }
 
 
 def main() -> None:
@@ -87,7 +61,8 @@ def main() -> None:
     lat = np.linspace(-90, 90, int(round(180 / args.resolution)) + 1, dtype=np.float32)
     lon = np.arange(0, 360, args.resolution, dtype=np.float32)
     t0 = time.perf_counter()
-    predictor = rollout.Predictor(model_config, task, unit_stats(task), lat, lon, bf16=args.bf16,
+    predictor = rollout.Predictor(model_config, task, memory.unit_stats(task), lat, lon,
+                                  bf16=args.bf16,
                                   remat_steps="steps" in args.remat,
                                   remat_blocks="blocks" in args.remat,
                                   block_size=args.block_size,
@@ -95,37 +70,22 @@ def main() -> None:
                                   graph_cache_dir=args.graph_cache_dir)
     graph_s = time.perf_counter() - t0
 
-    shapes = batch_shapes(task, args.batch, args.ar_steps, lat.size, lon.size)
-    abstract_batch = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), shapes,
-                                  is_leaf=lambda x: isinstance(x, tuple))
     optimizer = optax.adamw(1e-3, b1=0.9, b2=0.95, weight_decay=0.1)
-
-    def train_step(params, opt_state, batch):
-        (loss, _), grads = jax.value_and_grad(predictor.loss, has_aux=True)(params, batch)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    abstract_params = jax.eval_shape(predictor.init, jax.random.PRNGKey(0), abstract_batch)
-    abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
-    step = jax.jit(train_step, donate_argnums=(0, 1))
     t0 = time.perf_counter()
-    compiled = step.lower(abstract_params, abstract_opt, abstract_batch).compile()
+    compiled, abstract_batch, abstract_params = memory.compile_train_step(
+        predictor, batch=args.batch, ar_steps=args.ar_steps, optimizer=optimizer)
     compile_s = time.perf_counter() - t0
-    memory = compiled.memory_analysis()
     result = {
         "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract_params))),
         "graph_build_s": graph_s,
         "compile_s": compile_s,
-        "temp_bytes": int(memory.temp_size_in_bytes),
-        "argument_bytes": int(memory.argument_size_in_bytes),
-        "output_bytes": int(memory.output_size_in_bytes),
-        "alias_bytes": int(memory.alias_size_in_bytes),
+        **memory.memory_report(compiled),
         "config": vars(args),
     }
     if not args.compile_only:
         rng = np.random.default_rng(0)
-        batch = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s, np.float32)), shapes,
-                             is_leaf=lambda x: isinstance(x, tuple))
+        batch = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape, np.float32)),
+                             abstract_batch)
         params = predictor.init(jax.random.PRNGKey(0), batch)
         opt_state = optimizer.init(params)
         params, opt_state, loss = compiled(params, opt_state, batch)  # warm-up

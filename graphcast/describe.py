@@ -3,9 +3,11 @@
     python -m graphcast.describe --checkpoint CKPT.npz [--resolution R] [--json]
     python -m graphcast.describe --mesh-size M --resolution R --radius-fraction F \
         [--latent L --msg-steps S --hidden-layers H --levels N] [--json]
+    ... --memory [--batch B --ar-steps N --bf16 --remat-blocks --block-size K]
 
 Only the counts are computed (no features, no mesh2grid search), so even 0.25 deg /
-mesh 6 takes seconds and little memory.
+mesh 6 takes seconds and little memory. `--memory` also builds the graphs and compiles
+one training step with abstract arrays to report XLA's memory estimate.
 """
 
 import argparse
@@ -16,8 +18,11 @@ from typing import Optional
 
 import numpy as np
 
+from graphcast import checkpoint
 from graphcast import config as config_lib
 from graphcast import graphs
+from graphcast import memory
+from graphcast import rollout
 
 
 def _mlp_params(in_size: int, out_size: int, latent: int, hidden_layers: int) -> int:
@@ -80,26 +85,22 @@ def task_on_levels(num_levels: int) -> config_lib.TaskConfig:
 
 
 def _read_checkpoint(path: str) -> tuple:
-    """(ModelConfig, parameter count) of an official-format checkpoint .npz."""
-    try:
-        from graphcast import checkpoint  # pylint: disable=import-outside-toplevel
-        load = checkpoint.load
-    except (ImportError, AttributeError):
-        load = None
-    if load is not None:
-        ckpt = load(path)
-        leaves = [np.asarray(v) for module in ckpt.params.values() for v in module.values()]
-        return ckpt.model_config, int(sum(a.size for a in leaves))
-    with np.load(path, allow_pickle=False) as z:
-        n_params = int(sum(z[k].size for k in z.files if k.startswith("params:")))
-        fields = {}
-        for field in dataclasses.fields(config_lib.ModelConfig):
-            key = f"model_config:{field.name}"
-            if key in z.files:
-                fields[field.name] = z[key].item()
-            elif field.name != "mesh2grid_edge_normalization_factor":
-                raise ValueError(f"Checkpoint {path} lacks {key!r}; is it a GraphCast checkpoint?")
-    return config_lib.ModelConfig(**fields), n_params
+    """(ModelConfig, TaskConfig, parameter count) of an official-format checkpoint .npz."""
+    ckpt = checkpoint.load(path)
+    n_params = sum(np.asarray(v).size for module in ckpt.params.values() for v in module.values())
+    return ckpt.model_config, ckpt.task_config, int(n_params)
+
+
+def training_memory(model_config: config_lib.ModelConfig, task_config: config_lib.TaskConfig,
+                    resolution: float, *, batch: int, ar_steps: int, bf16: bool,
+                    remat_blocks: bool, block_size: Optional[int]) -> dict:
+    """XLA's compiled memory (bytes) of one AdamW training step, with abstract arrays."""
+    lat, lon = regular_grid(resolution)
+    predictor = rollout.Predictor(model_config, task_config, memory.unit_stats(task_config),
+                                  lat, lon, bf16=bf16, remat_steps=True,
+                                  remat_blocks=remat_blocks, block_size=block_size)
+    compiled, _, _ = memory.compile_train_step(predictor, batch=batch, ar_steps=ar_steps)
+    return memory.memory_report(compiled)
 
 
 def describe(model_config: config_lib.ModelConfig, n_params: int,
@@ -140,10 +141,17 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--hidden-layers", type=int, default=1)
     parser.add_argument("--levels", type=int, default=13)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--memory", action="store_true",
+                        help="also compile one training step abstractly and report its memory")
+    parser.add_argument("--batch", type=int, default=1, help="per-device batch (--memory)")
+    parser.add_argument("--ar-steps", type=int, default=1, help="rollout steps (--memory)")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 activations (--memory)")
+    parser.add_argument("--remat-blocks", action="store_true", help="block remat (--memory)")
+    parser.add_argument("--block-size", type=int, default=None, help="edge/node blocks (--memory)")
     args = parser.parse_args(argv)
 
     if args.checkpoint:
-        model_config, n_params = _read_checkpoint(args.checkpoint)
+        model_config, task_config, n_params = _read_checkpoint(args.checkpoint)
         resolution = args.resolution if args.resolution is not None else model_config.resolution
         if not resolution:
             parser.error("the checkpoint's resolution is 0 (any grid): pass --resolution")
@@ -159,9 +167,14 @@ def main(argv: Optional[list] = None) -> int:
             gnn_msg_steps=args.msg_steps, hidden_layers=args.hidden_layers,
             radius_query_fraction_edge_length=args.radius_fraction)
         resolution = args.resolution
-        n_params = count_parameters(model_config, task_on_levels(args.levels))
+        task_config = task_on_levels(args.levels)
+        n_params = count_parameters(model_config, task_config)
 
     info = describe(model_config, n_params, resolution)
+    if args.memory:
+        info.update(training_memory(model_config, task_config, resolution, batch=args.batch,
+                                    ar_steps=args.ar_steps, bf16=args.bf16,
+                                    remat_blocks=args.remat_blocks, block_size=args.block_size))
     if args.json:
         print(json.dumps(info))
     else:
@@ -170,6 +183,9 @@ def main(argv: Optional[list] = None) -> int:
               f"= {info['grid2mesh_radius']:.9g}")
         for key, label in _LABELS:
             print(f"{label:<18} {info[key]:>14,}")
+        if args.memory:
+            for key in ("temp_bytes", "argument_bytes", "output_bytes", "total_bytes"):
+                print(f"{key.replace('_', ' '):<18} {info[key] / 2 ** 30:>10.2f} GiB")
     return 0
 
 

@@ -14,38 +14,17 @@ import numpy as np
 import pytest
 
 from graphcast import config as config_lib
-from graphcast import normalization
+from graphcast import memory
 from graphcast import rollout
 
 BENCH_MODEL = config_lib.ModelConfig(resolution=1.0, mesh_size=4, latent_size=64, gnn_msg_steps=4,
                                      hidden_layers=1, radius_query_fraction_edge_length=0.6)
 
 
-def unit_stats(task):
-    names = set(task.input_variables) | set(task.target_variables) | set(task.forcing_variables)
-    shape = lambda v: ((len(task.pressure_levels),) if v in config_lib.ALL_ATMOSPHERIC_VARS
-                       else ())
-    return normalization.Stats(mean={v: np.zeros(shape(v), np.float32) for v in names},
-                               stddev={v: np.ones(shape(v), np.float32) for v in names},
-                               diffs_stddev={v: np.ones(shape(v), np.float32) for v in names})
-
-
 def random_batch(task, steps, lat, lon, seed=0):
     rng = np.random.default_rng(seed)
-    h, w, levels = lat.size, lon.size, len(task.pressure_levels)
-
-    def array(v, t):
-        if v in config_lib.STATIC_VARS:
-            shape = (1, h, w)
-        elif v in config_lib.ALL_ATMOSPHERIC_VARS:
-            shape = (1, t, levels, h, w)
-        else:
-            shape = (1, t, h, w)
-        return jnp.asarray(rng.standard_normal(shape, np.float32))
-
-    return {"inputs": {v: array(v, task.num_input_frames) for v in task.input_variables},
-            "targets": {v: array(v, steps) for v in task.target_variables},
-            "forcings": {v: array(v, steps) for v in task.forcing_variables}}
+    shapes = memory.batch_shapes(task, 1, steps, lat.size, lon.size)
+    return jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape, np.float32)), shapes)
 
 
 def loss_and_grads(predictor, params, batch):
@@ -69,7 +48,7 @@ def test_fast_path_matches_plain_path(model, resolution, steps):
                                pressure_levels=config_lib.PRESSURE_LEVELS_WEATHERBENCH_13)
     lat = np.linspace(-90, 90, int(180 / resolution) + 1, dtype=np.float32)
     lon = np.arange(0, 360, resolution, dtype=np.float32)
-    stats = unit_stats(task)
+    stats = memory.unit_stats(task)
     plain = rollout.Predictor(model, task, stats, lat, lon, split_first_layer=False,
                               remat_steps=False)
     fast = rollout.Predictor(model, task, stats, lat, lon, graphs=plain.graphs,

@@ -318,6 +318,22 @@ def test_describe_checkpoint_json(fixture_config):
     assert info["params"] == fixture_config["num_params"]
 
 
+def test_describe_memory_estimate_shrinks_with_blocks():
+    def estimate(*extra):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            describe.main(["--checkpoint", fixture_path("checkpoint.npz"), "--json", "--memory",
+                           *extra])
+        return json.loads(out.getvalue())
+
+    plain, blocked = estimate(), estimate("--remat-blocks", "--block-size", "1000")
+    for info in (plain, blocked):
+        assert info["total_bytes"] == (info["temp_bytes"] + info["argument_bytes"]
+                                       + info["output_bytes"] - info["alias_bytes"])
+        assert info["argument_bytes"] > 3 * 4 * info["params"]  # params + two Adam moments
+    assert blocked["temp_bytes"] < plain["temp_bytes"]
+
+
 def test_describe_cli_json(graph_stats):
     entry = next(c for c in graph_stats["configs"] if c["resolution"] == 1.0
                  and c["mesh_size"] == 5)

@@ -1,0 +1,87 @@
+"""Size one training step (loss, gradients, AdamW update) without allocating it.
+
+The step is lowered and compiled with abstract parameters and batch
+(`jax.ShapeDtypeStruct`), so full-size configurations can be sized on a small
+machine. Statistics are units and the data random: only shapes matter here.
+"""
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from graphcast import config as config_lib
+from graphcast import normalization
+from graphcast import rollout
+
+
+def unit_stats(task_config: config_lib.TaskConfig) -> normalization.Stats:
+    """Zero means and unit scales for every variable of the task."""
+    names = (set(task_config.input_variables) | set(task_config.target_variables)
+             | set(task_config.forcing_variables))
+
+    def shape(v):
+        return (len(task_config.pressure_levels),) if v in config_lib.ALL_ATMOSPHERIC_VARS else ()
+
+    ones = {v: np.ones(shape(v), np.float32) for v in names}
+    return normalization.Stats(mean={v: np.zeros(shape(v), np.float32) for v in names},
+                               stddev=ones, diffs_stddev=ones)
+
+
+def batch_shapes(task_config: config_lib.TaskConfig, batch: int, ar_steps: int,
+                 height: int, width: int) -> dict:
+    """Host-layout batch of abstract float32 arrays."""
+    levels = len(task_config.pressure_levels)
+
+    def array(v, steps):
+        if v in config_lib.STATIC_VARS:
+            shape = (batch, height, width)
+        elif v in config_lib.ALL_ATMOSPHERIC_VARS:
+            shape = (batch, steps, levels, height, width)
+        else:
+            shape = (batch, steps, height, width)
+        return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+    return {
+        "inputs": {v: array(v, task_config.num_input_frames) for v in task_config.input_variables},
+        "targets": {v: array(v, ar_steps) for v in task_config.target_variables},
+        "forcings": {v: array(v, ar_steps) for v in task_config.forcing_variables},
+    }
+
+
+def train_step_fn(predictor: rollout.Predictor, optimizer: optax.GradientTransformation):
+    """`(params, opt_state, batch) -> (params, opt_state, loss)`, parameters donated."""
+
+    def train_step(params, opt_state, batch):
+        (loss, _), grads = jax.value_and_grad(predictor.loss, has_aux=True)(params, batch)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return jax.jit(train_step, donate_argnums=(0, 1))
+
+
+def compile_train_step(predictor: rollout.Predictor, batch: int = 1, ar_steps: int = 1,
+                       optimizer: Optional[optax.GradientTransformation] = None):
+    """(compiled step, abstract batch, abstract params) for the predictor's grid and task."""
+    optimizer = optimizer or optax.adamw(1e-3, b1=0.9, b2=0.95, weight_decay=0.1)
+    abstract_batch = batch_shapes(predictor.task_config, batch, ar_steps,
+                                  predictor.grid_lat.size, predictor.grid_lon.size)
+    params = jax.eval_shape(predictor.init, jax.random.PRNGKey(0), abstract_batch)
+    opt_state = jax.eval_shape(optimizer.init, params)
+    compiled = train_step_fn(predictor, optimizer).lower(params, opt_state,
+                                                          abstract_batch).compile()
+    return compiled, abstract_batch, params
+
+
+def memory_report(compiled) -> dict:
+    """XLA's memory analysis of a compiled step, in bytes; `total_bytes` = what must fit."""
+    m = compiled.memory_analysis()
+    report = {"temp_bytes": int(m.temp_size_in_bytes),
+              "argument_bytes": int(m.argument_size_in_bytes),
+              "output_bytes": int(m.output_size_in_bytes),
+              "alias_bytes": int(m.alias_size_in_bytes)}
+    report["total_bytes"] = (report["temp_bytes"] + report["argument_bytes"]
+                             + report["output_bytes"] - report["alias_bytes"])
+    return report
