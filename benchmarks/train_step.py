@@ -41,10 +41,11 @@ def main() -> None:
     p.add_argument("--ar-steps", type=int, default=1)
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--remat", choices=["none", "steps", "blocks", "steps+blocks"],
-                   default="steps", help="rematerialization policy: per autoregressive step, "
+                   default="steps+blocks", help="rematerialization policy: per autoregressive step, "
                    "per MLP+LayerNorm block, both, or none")
-    p.add_argument("--block-size", type=int, default=None,
-                   help="process grid<->mesh edges and grid nodes in blocks of this many")
+    p.add_argument("--block-size", type=int, default=16384,
+                   help="process grid<->mesh edges and grid nodes in blocks of this many "
+                   "(0: whole arrays)")
     p.add_argument("--plain", action="store_true",
                    help="concatenate-then-multiply edge MLPs (the reference's formulation)")
     p.add_argument("--iters", type=int, default=5)
@@ -65,7 +66,7 @@ def main() -> None:
                                   bf16=args.bf16,
                                   remat_steps="steps" in args.remat,
                                   remat_blocks="blocks" in args.remat,
-                                  block_size=args.block_size,
+                                  block_size=args.block_size or None,
                                   split_first_layer=not args.plain,
                                   graph_cache_dir=args.graph_cache_dir)
     graph_s = time.perf_counter() - t0

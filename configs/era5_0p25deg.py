@@ -34,7 +34,7 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
                          prefetch=2, workers=16, graph_cache_dir="runs/graph_cache"))
 
     # training: memory is the constraint at this size
-    exp.training.update(dict(bf16=True, remat_steps=True))
+    exp.training.update(dict(bf16=True, remat_steps=True, remat_blocks=True, block_size=32768))
 
     # eval: 4 batches of 10-day rollouts, headline at 24 h
     exp.eval.update(dict(num_batches=4, batch_size=0, rollout_steps=40, figure_lead_step=4,
