@@ -9,9 +9,9 @@ import pytest
 
 from graphcast import checkpoint as checkpoint_lib
 from graphcast import config as config_lib
+from conftest import FIXTURE_DIR
 
-FIXTURES = os.environ.get("GRAPHCAST_FIXTURE_DIR", os.path.join(
-    os.path.dirname(__file__), "..", "..", "shared", "fixtures", "graphcast_reference"))
+FIXTURES = FIXTURE_DIR
 OFFICIAL = os.path.join(FIXTURES, "checkpoint.npz")
 
 

@@ -14,10 +14,9 @@ import xarray as xr
 
 from graphcast import data_utils, solar_radiation
 from graphcast.solar_radiation import TISR
+from conftest import FIXTURE_DIR
 
-FIXTURES = pathlib.Path("/work/shared/fixtures/graphcast_reference")
-pytestmark = pytest.mark.skipif(not (FIXTURES / "example_batch.nc").exists(),
-                                reason="reference fixtures not available")
+FIXTURES = pathlib.Path(FIXTURE_DIR)
 
 
 def _lead_times(spec: dict):

@@ -24,9 +24,9 @@ from graphcast import describe
 from graphcast import features
 from graphcast import graphs
 from graphcast import icosahedral_mesh
+from conftest import FIXTURE_DIR
 
-FIXTURES = os.environ.get("GRAPHCAST_FIXTURE_DIR", os.path.join(
-    os.path.dirname(__file__), "..", "..", "shared", "fixtures", "graphcast_reference"))
+FIXTURES = FIXTURE_DIR
 REPO_ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 # Spec 3.5: SHA-256 prefixes of the float32 vertex / int32 face bytes of each level.

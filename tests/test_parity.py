@@ -23,9 +23,9 @@ from graphcast import data_utils
 from graphcast import normalization
 from graphcast import rollout
 from graphcast import stacking
+from conftest import FIXTURE_DIR
 
-FIXTURES = os.environ.get("GRAPHCAST_FIXTURE_DIR", os.path.join(
-    os.path.dirname(__file__), "..", "..", "shared", "fixtures", "graphcast_reference"))
+FIXTURES = FIXTURE_DIR
 
 
 def fixture(name):

@@ -2,6 +2,7 @@
 
 import contextlib
 import http.server
+import os
 import threading
 
 import dask
@@ -11,11 +12,11 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from conftest import free_port
+from conftest import FIXTURE_DIR, free_port
 from data import gcs, sources, validate
 from graphcast.config import TaskConfig
 
-FIXTURE = "/work/shared/fixtures/graphcast_reference/example_batch.nc"
+FIXTURE = os.path.join(FIXTURE_DIR, "example_batch.nc")
 SURFACE = ("2m_temperature", "total_precipitation_6hr")
 ATMOS = ("temperature", "geopotential")
 FORCINGS = ("toa_incident_solar_radiation", "year_progress_sin", "year_progress_cos",
