@@ -43,6 +43,7 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
     exp.eval.update(dict(num_batches=8, batch_size=0, rollout_steps=20, figure_lead_step=4,
                          headline_lead_step=4))
 
-    # memory: on-demand allocation avoids fragmentation at large AR step counts
+    # memory: XLA's pooled allocator with 95% of the GPU reserved up front; set
+    # allocator="platform" (on-demand, slower, least fragmentation) if long rollouts fragment
     exp.memory.update(dict(allocator="", mem_fraction=0.95, preallocate=True))
     return config
