@@ -43,6 +43,7 @@ from training import preflight
 from training import writer as writer_lib
 
 _AXIS = "devices"
+EXIT_CHECKPOINT_TIMEOUT = 3  # process exit status when a checkpoint save is stuck
 _LICENSE = ("Parameters trained with graphcast-trainer; the GraphCast architecture is DeepMind's "
             "(Lam et al. 2023). Check the license of the training data before redistribution.")
 
@@ -518,7 +519,14 @@ def main(argv) -> None:
     if _MODE.value == "export":
         print(export(config, _EXPORT_PATH.value, _EXPORT_STEP.value), flush=True)
         return
-    run(config, _MODE.value)
+    try:
+        run(config, _MODE.value)
+    except ckpt_lib.CheckpointTimeoutError:
+        # The stuck save's writer threads are not daemons: a normal exit would wait for them
+        # forever. The error is reported, then the process ends here.
+        logging.exception("Stopping the run: a checkpoint save is stuck.")
+        logging.flush()
+        os._exit(EXIT_CHECKPOINT_TIMEOUT)
 
 
 if __name__ == "__main__":

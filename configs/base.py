@@ -78,6 +78,7 @@ def get_base_config(task: gc_config.TaskConfig) -> config_dict.ConfigDict:
         block_size=16384,            # >0: grid<->mesh edges and grid nodes in blocks of this many
         init_checkpoint="",          # official GraphCast .npz to fine-tune from (model/task checked)
         max_consecutive_nonfinite=10,  # stop after this many skipped (NaN/Inf) updates in a row
+        checkpoint_save_timeout_s=1800,  # a background checkpoint save must finish in this time
         example_log="",              # if set: append each step's example init times (audit)
         logdir="",                   # TensorBoard dir ('' = <checkpoint_dir>/tb)
     ))

@@ -4,7 +4,10 @@ The emulator endpoint comes from `storage_options["endpoint_url"]` or `STORAGE_E
 with an endpoint the client is anonymous. Without one, gcsfs tries application-default
 credentials and falls back to anonymous access (public buckets). gcsfs's default "extended"
 filesystem probes every bucket over gRPC (a 60 s stall per call against the emulator), so the
-core `GCSFileSystem` is registered for "gs" here.
+core `GCSFileSystem` is registered for "gs" here, with a per-request timeout (gcsfs passes none to
+aiohttp by default, so a request whose connection silently dies waits forever; with one it fails
+with a retriable error and gcsfs's own retries take over) and without the listing cache (which
+would hide checkpoint steps written by another process).
 """
 
 import contextlib
@@ -19,12 +22,22 @@ from data.validate import SourceAccessError, SourceNotFoundError, SourceUnreacha
 
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
+import aiohttp  # noqa: E402
 import fsspec  # noqa: E402  (after the env var: gcsfs reads it at import)
 import gcsfs.core  # noqa: E402
 import gcsfs.retry  # noqa: E402
 
 fsspec.register_implementation("gs", gcsfs.core.GCSFileSystem, clobber=True)
 fsspec.register_implementation("gcs", gcsfs.core.GCSFileSystem, clobber=True)
+# Defaults fsspec applies to every GCSFileSystem, including the one orbax (through etils.epath)
+# uses for checkpoint directories: connect within 30 s, and once a request is sent the server must
+# answer (or keep sending) within 60 s; no directory-listing cache, since checkpoints are listed
+# again and again while another process (the trainer, the eval job) adds and deletes steps.
+REQUEST_TIMEOUT = aiohttp.ClientTimeout(sock_connect=30, sock_read=60)
+for _protocol in ("gs", "gcs"):
+    _defaults = fsspec.config.conf.setdefault(_protocol, {})
+    _defaults.setdefault("requests_timeout", REQUEST_TIMEOUT)
+    _defaults.setdefault("use_listings_cache", False)
 
 GCS_ENDPOINT = "https://storage.googleapis.com"
 _TRANSIENT_CODES = {408, 429, 500, 502, 503, 504}

@@ -4,6 +4,7 @@ outage. The emulator runs in its own process with a disk store, so a restart kee
 """
 
 import os
+import re
 import signal
 import socket
 import struct
@@ -58,15 +59,18 @@ def _port_outside_ephemeral_range() -> int:
 
 class Outage:
     """The storage endpoint clients use: a TCP relay to the emulator that can go down (listening
-    socket closed, open connections reset: clients see refused/reset connections) and come back
-    on the same port with the same objects behind it."""
+    socket closed, open connections reset: clients see refused/reset connections), come back on
+    the same port with the same objects behind it, or stall (a black hole: connections are
+    accepted, nothing is answered)."""
 
     def __init__(self, target_port: int):
         self.target, self.port = target_port, _port_outside_ephemeral_range()
         self.url = f"http://127.0.0.1:{self.port}"
         self._listener, self._open, self._lock = None, [], threading.Lock()
+        self._stalled = False
 
     def up(self):
+        self._stalled = False
         self._listener = socket.create_server(("127.0.0.1", self.port), reuse_port=False)
         threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
 
@@ -80,10 +84,20 @@ class Outage:
                 try:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
                                     struct.pack("ii", 1, 0))  # RST, not a clean close
+                    # shutdown() also wakes the pump blocked in recv() on this socket (close()
+                    # alone would not): the emulator, which serves one request at a time, must
+                    # see its half of the connection end, or it waits for that request forever.
+                    sock.shutdown(socket.SHUT_RDWR)
                     sock.close()
                 except OSError:
                     pass
             self._open.clear()
+
+    def stall(self):
+        """From now on, requests on new and open connections go unanswered (responses to
+        requests the emulator already has still arrive whole: a cut response would be a
+        different fault)."""
+        self._stalled = True
 
     def _accept(self, listener):
         while True:
@@ -91,17 +105,21 @@ class Outage:
                 client, _ = listener.accept()
             except OSError:
                 return
+            if self._stalled:
+                with self._lock:
+                    self._open.append(client)  # held open, never answered
+                continue
             upstream = socket.create_connection(("127.0.0.1", self.target))
             with self._lock:
                 self._open += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            for a, b, is_request in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pump, args=(a, b, is_request), daemon=True).start()
 
-    @staticmethod
-    def _pump(src, dst):
+    def _pump(self, src, dst, is_request):
         try:
             while data := src.recv(65536):
-                dst.sendall(data)
+                if not (is_request and self._stalled):
+                    dst.sendall(data)
         except OSError:
             pass
         finally:
@@ -126,6 +144,7 @@ def emulator(sample_dir, monkeypatch):  # noqa: F811
     relay = Outage(port)
     relay.up()
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", relay.url)
+    monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", relay.url)  # else set (and kept) by orbax use
     upload_tree(f"http://127.0.0.1:{port}", BUCKET, os.path.realpath(f"{sample_dir}/era5_sample.zarr"),
                 "era5_sample.zarr")
     yield relay
@@ -193,40 +212,113 @@ def test_missing_bucket_object_and_403_name_the_url(sample_dir, tmp_path, emulat
     assert not os.path.exists(config.checkpoint_dir)
 
 
-@pytest.mark.xfail(run=False, reason=(
-    "Known gap (issue 6, item 4): after a 10 s outage during an async orbax save to gs://, "
-    "the training process hangs (> 5 min) instead of finishing or failing; orbax's "
-    "AsyncOptions(timeout_secs) did not bound it. Not run: it would hang CI."))
-@pytest.mark.slow
-def test_gs_checkpoints_survive_an_outage_or_fail_loudly(sample_dir, tmp_path, emulator):  # noqa: F811
-    """Smoke test (orbax on the emulator fails ~1 save in 30: one retry): checkpoints to gs://
-    while the emulator is down for 10 s either complete or fail with an error, and the newest
-    listed checkpoint always reads back."""
+def _reader(ckpt_dir):
     from configs import sample as sample_config
     from training import checkpointer as ckpt_lib
-    for attempt in range(2):
-        ckpt_dir = f"gs://{BUCKET}/ckpt{attempt}"
-        training = _start(_gcs_args(sample_dir, ckpt_dir, tmp_path / f"ex{attempt}.txt"))
-        for line in training.stdout:
-            if "Saving checkpoint latest step 2" in line:
-                break
-        time.sleep(1.0)  # let step 2 complete
+    config = sample_config.get_config()
+    config.checkpoint_dir = ckpt_dir
+    return ckpt_lib.Checkpointer(config, "read")
+
+
+# gcp-storage-emulator sometimes answers tensorstore's conditional writes with headers it cannot
+# parse (about 1 save in 30, ECOSYSTEM.md): a run that meets it tests nothing of ours and is redone.
+_EMULATOR_FLAKE = "Malformed StorageGeneration"
+
+
+class _EmulatorFlake(Exception):
+    pass
+
+
+def _start_logged(args, log_path):
+    """The training process, its output going to a file: a pipe that nobody reads while the
+    test polls the storage would fill up and block the process's logging."""
+    with open(log_path, "w") as log:
+        training = subprocess.Popen([sys.executable, "experiment.py", *args], cwd=ROOT,
+                                    stdout=log, stderr=subprocess.STDOUT)
+    training.log_path = log_path
+    return training
+
+
+def _finish(training, timeout):
+    """(exit status, output) once the process has ended."""
+    training.wait(timeout=timeout)
+    with open(training.log_path) as f:
+        return training.returncode, f.read()
+
+
+def _wait_until_saved(ckpt_dir, step, training, timeout=180):
+    """Returns once `step` is a complete checkpoint on storage (the run still going)."""
+    deadline = time.monotonic() + timeout
+    while step not in _reader(ckpt_dir).all_steps("latest"):
+        if training.poll() is not None or time.monotonic() > deadline:
+            training.kill()
+            _, out = _finish(training, 60)
+            if _EMULATOR_FLAKE in out:
+                raise _EmulatorFlake()
+            raise AssertionError(f"step {step} never saved:\n" + out[-4000:])
+        time.sleep(0.5)
+
+
+def _redone_on_emulator_flakes(attempt_fn, attempts=3):
+    """attempt_fn(ckpt_dir), on a fresh gs:// directory each time the emulator's flake spoils it."""
+    for attempt in range(attempts):
+        try:
+            return attempt_fn(f"gs://{BUCKET}/run{attempt}")
+        except _EmulatorFlake:
+            continue
+    raise AssertionError(f"{attempts} attempts all met the emulator's {_EMULATOR_FLAKE!r} flake.")
+
+
+@pytest.mark.slow
+def test_gs_checkpoints_survive_an_outage_or_fail_loudly(sample_dir, tmp_path, emulator):  # noqa: F811
+    """Checkpoints to gs:// while the storage is down for 10 s either complete or the run fails
+    with an error; the checkpoint saved before the outage (or a newer one) always reads back."""
+
+    def attempt(ckpt_dir):
+        training = _start_logged(_gcs_args(sample_dir, ckpt_dir, tmp_path / "examples.txt") + [
+            "--config.experiment_kwargs.config.training.checkpoint_save_timeout_s=90"],
+            tmp_path / "train.log")
+        _wait_until_saved(ckpt_dir, 2, training)
         emulator.down()
         time.sleep(10)
         emulator.up()
-        out, _ = training.communicate(timeout=300)
-        config = sample_config.get_config()
-        config.checkpoint_dir = ckpt_dir
-        reader = ckpt_lib.Checkpointer(config, "read")
-        try:
-            arrays, meta = reader.read("latest")
-        except Exception:  # noqa: BLE001 -- emulator flake: retry once
-            if attempt == 0:
-                continue
-            raise
+        status, out = _finish(training, 400)
+        arrays, meta = _reader(ckpt_dir).read("latest")
         assert meta["step"] >= 2 and "experiment/params" in arrays
-        if training.returncode == 0:
-            assert meta["step"] == STEPS
+        if status == 0:
+            assert meta["step"] == STEPS, out[-4000:]
         else:
-            assert "Traceback" in out or "Error" in out  # failed loudly
-        return
+            assert "Error" in out, out[-4000:]  # failed loudly
+
+    _redone_on_emulator_flakes(attempt)
+
+
+@pytest.mark.slow
+def test_stalled_checkpoint_storage_stops_the_run_naming_the_step(sample_dir, tmp_path,  # noqa: F811
+                                                                  emulator):
+    """Checkpoint storage that accepts connections but never answers: the run stops with
+    CheckpointTimeoutError naming the stuck step (instead of hanging), and the stuck step is
+    never listed; the previous one reads back."""
+
+    def attempt(ckpt_dir):
+        training = _start_logged(_cli_overrides(sample_dir, ckpt_dir, STEPS, 2) + [
+            "--config.save_checkpoint_interval=2",
+            "--config.experiment_kwargs.config.training.checkpoint_save_timeout_s=15"],
+            tmp_path / "train.log")
+        _wait_until_saved(ckpt_dir, 2, training)
+        emulator.stall()
+        status, out = _finish(training, 300)
+        emulator.down()  # unstall: the storage answers again
+        emulator.up()
+        if status != experiment.EXIT_CHECKPOINT_TIMEOUT and _EMULATOR_FLAKE in out:
+            raise _EmulatorFlake()
+        assert status == experiment.EXIT_CHECKPOINT_TIMEOUT, out[-4000:]
+        match = re.search(r"CheckpointTimeoutError: Saving checkpoint latest step (\d+) to "
+                          + re.escape(f"{ckpt_dir}/latest") + r" has not finished", out)
+        assert match, out[-4000:]
+        reader = _reader(ckpt_dir)
+        assert int(match.group(1)) not in reader.all_steps("latest")
+        arrays, meta = reader.read("latest")
+        assert meta["step"] >= 2 and "experiment/params" in arrays
+
+    _redone_on_emulator_flakes(attempt)

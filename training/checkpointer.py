@@ -15,8 +15,18 @@ arrays) so no non-finite value reaches storage. Training restores the newest rea
 unreadable one is logged and skipped); the eval job instead waits up to `eval.restore_wait_s` for
 an unreadable newest step to become readable (another job may still be writing it). Fields that
 look like credentials are redacted from the config saved with each checkpoint.
+
+A save that hangs (storage that accepts connections but never answers) must not hang the run:
+each save is given `training.checkpoint_save_timeout_s` in all. Its blocking phase (orbax lists
+the steps, creates the temporary directory and starts the writes) and the wait for its background
+phase (at the series' next save, and at the end) run on a saver thread that the training thread
+waits for no longer than that; past it, CheckpointTimeoutError names the step and directory. The
+previous complete step stays the newest listed one. For gs://, orbax's clients get request
+timeouts too: gcsfs through `data.gcs`, tensorstore (which writes the arrays) through its curl
+settings.
 """
 
+import concurrent.futures
 import json
 import os
 import time
@@ -27,10 +37,28 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from data import gcs
 from training import compat
 from training import preflight
 
 _ARRAY_TYPES = (np.ndarray, np.generic, jax.Array)
+
+
+def _configure_tensorstore_for_gcs() -> None:
+    """Points orbax's array writes (tensorstore) at the same GCS endpoint as everything else and
+    makes a stalled request fail (and be retried) instead of waiting forever.
+
+    tensorstore ignores STORAGE_EMULATOR_HOST (gcsfs, which writes orbax's metadata, honours it):
+    without TENSORSTORE_GCS_HTTP_URL, arrays would go to storage.googleapis.com while metadata goes
+    to the emulator, and an async save would never finish. Both settings are read when
+    tensorstore first opens a GCS store; values already in the environment win.
+    """
+    endpoint = gcs.endpoint()
+    if endpoint:
+        os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL",
+                              endpoint if "://" in endpoint else f"http://{endpoint}")
+    os.environ.setdefault("TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES", "1")  # < 1 byte/s ...
+    os.environ.setdefault("TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS", "60")  # ... for 60 s: abort
 
 
 class ExperimentState:
@@ -69,6 +97,14 @@ class CheckpointRestoreError(RuntimeError):
     """No step of a checkpoint series could be read."""
 
 
+class CheckpointTimeoutError(TimeoutError):
+    """A background checkpoint save did not finish within its time limit.
+
+    Its writer threads may still be blocked on storage, and Python waits for them at exit:
+    `experiment.py` exits the process directly after reporting this error.
+    """
+
+
 def check_finite(arrays: Any, what: str) -> None:
     """Raises NonFiniteCheckpointError naming every floating array with a NaN/Inf."""
     bad = [jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_leaves_with_path(arrays)
@@ -103,10 +139,16 @@ class Checkpointer:
             raise ValueError("config.checkpoint_dir is empty: set it to a local path or gs:// URL.")
         root = str(config.checkpoint_dir).rstrip("/")
         self._root = root if "://" in root else os.path.abspath(root)  # orbax needs absolute paths
+        if gcs.is_gcs(self._root):
+            _configure_tensorstore_for_gcs()
         self._mode = mode
         self._config_json = config_json(config)
         exp = config.get("experiment_kwargs", {}).get("config", {})
         self._restore_wait_s = float(exp.get("eval", {}).get("restore_wait_s", 600))
+        self._save_timeout_s = float(
+            exp.get("training", {}).get("checkpoint_save_timeout_s", 1800))
+        self._pending: dict = {}  # series -> (step, monotonic time its save started)
+        self._saver = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt_save")
         self._keep = {"latest": max_to_keep or config.get("max_checkpoints_to_keep", 5),
                       "best": best_to_keep}
         self._async = enable_async
@@ -177,6 +219,7 @@ class Checkpointer:
             else:
                 plain[key] = value
         step = int(state.global_step)
+        self._wait_for_pending_save(ckpt_series)
         manager = self.manager(ckpt_series)
         if step in manager.all_steps():
             logging.info("Checkpoint %s step %d already exists; not rewriting it.", ckpt_series, step)
@@ -185,10 +228,14 @@ class Checkpointer:
                 "saved_at": time.time(), "config": self._config_json}
         host_arrays = _to_host(arrays)
         check_finite(host_arrays, f"checkpoint {ckpt_series} step {step}")
-        manager.save(step, args=ocp.args.Composite(
-            arrays=ocp.args.StandardSave(host_arrays), meta=ocp.args.JsonSave(meta)))
+        self._pending[ckpt_series] = (step, time.monotonic())
         logging.info("Saving checkpoint %s step %d to %s (async).", ckpt_series, step,
                      self.directory(ckpt_series))
+        # The blocking phase (orbax lists, creates the temporary directory and starts the writes)
+        # runs on the saver thread, so that storage which never answers cannot hang training.
+        self._bounded(ckpt_series, self._saver.submit(
+            manager.save, step, args=ocp.args.Composite(
+                arrays=ocp.args.StandardSave(host_arrays), meta=ocp.args.JsonSave(meta))))
 
     def can_be_restored(self, ckpt_series: str) -> bool:
         return self.latest_step(ckpt_series) is not None
@@ -247,12 +294,37 @@ class Checkpointer:
         step = self.latest_step(ckpt_series)
         return None if step is None else f"{self.directory(ckpt_series)}/{step}"
 
+    def _wait_for_pending_save(self, ckpt_series: str) -> None:
+        """Waits for the series' pending save (raising the error of a failed one), and raises
+        CheckpointTimeoutError once it has run for longer than checkpoint_save_timeout_s."""
+        if ckpt_series in self._pending:
+            # Queued behind the save's blocking phase on the single saver thread.
+            # On a timeout the entry stays: later waits (close()) then fail at once, not hang.
+            self._bounded(ckpt_series, self._saver.submit(
+                self._managers[ckpt_series].wait_until_finished))
+            del self._pending[ckpt_series]
+
+    def _bounded(self, ckpt_series: str, future: concurrent.futures.Future) -> None:
+        """The future's result, waiting no longer than the pending save's time limit allows."""
+        step, started = self._pending[ckpt_series]
+        try:
+            future.result(timeout=max(0.0, started + self._save_timeout_s - time.monotonic()))
+        except concurrent.futures.TimeoutError:
+            raise CheckpointTimeoutError(
+                f"Saving checkpoint {ckpt_series} step {step} to {self.directory(ckpt_series)} "
+                f"has not finished after {time.monotonic() - started:.0f} s "
+                f"(training.checkpoint_save_timeout_s={self._save_timeout_s:g}): the storage is "
+                f"unreachable or stalled. Step {step} is incomplete and will not be restored; "
+                "the previous complete step is kept.") from None
+
     def wait_for_checkpointing_to_finish(self) -> None:
-        for manager in self._managers.values():
-            manager.wait_until_finished()
+        for ckpt_series in list(self._managers):
+            self._wait_for_pending_save(ckpt_series)
 
     def close(self) -> None:
-        """Waits for pending writes and releases the managers."""
+        """Waits (bounded) for pending writes and releases the managers."""
+        self.wait_for_checkpointing_to_finish()
         for manager in self._managers.values():
             manager.close()
         self._managers.clear()
+        self._saver.shutdown()
