@@ -59,10 +59,13 @@ class GraphCastNetwork:
     def _edge_set(self, sender_set, receiver_set, senders, receivers, features):
         # Static features are cast straight from their stored dtype (float64 for edges) to the
         # activation dtype and stay batch independent: [E, 1, F].
+        num_receivers = (self._graphs.num_grid_nodes if receiver_set == GRID
+                         else self._graphs.num_mesh_nodes)
         return typed_graph_net.EdgeSet(
             sender_set=sender_set, receiver_set=receiver_set,
             senders=jnp.asarray(senders, jnp.int32), receivers=jnp.asarray(receivers, jnp.int32),
-            features=jnp.asarray(np.asarray(features).astype(self._dtype))[:, None, :])
+            features=jnp.asarray(np.asarray(features).astype(self._dtype))[:, None, :],
+            fan_in=typed_graph_net.fixed_fan_in(np.asarray(receivers), num_receivers))
 
     def __call__(self, grid_inputs: jax.Array) -> jax.Array:
         """[Ng, B, C] normalized inputs and forcings -> [Ng, B, O] normalized outputs."""

@@ -143,6 +143,17 @@ class EdgeSet:
     senders: jax.Array    # [E] int32 indices into the sender set
     receivers: jax.Array  # [E] int32 indices into the receiver set
     features: jax.Array   # [E, B or 1, F]
+    # k when edge i goes to receiver i // k (sorted by receiver, exactly k each: GraphCast's
+    # mesh->grid edges, k = 3); lets blocked sums be sums over k, without a scatter.
+    fan_in: Optional[int] = None
+
+
+def fixed_fan_in(receivers: np.ndarray, num_receivers: int) -> Optional[int]:
+    """k if `receivers` is [0]*k + [1]*k + ... + [num_receivers - 1]*k, else None."""
+    k, rest = divmod(receivers.size, num_receivers)
+    if rest or not k or not np.array_equal(receivers, np.repeat(np.arange(num_receivers), k)):
+        return None
+    return k
 
 
 class TypedGraphNet(hk.Module):
@@ -223,7 +234,8 @@ class TypedGraphNet(hk.Module):
         dtype = next(iter(nodes.values())).dtype
 
         if self._block_size is not None:
-            sums = {e: self._blocked_sums(blocks, e, s, nodes) for e, s in edges.items()}
+            sums = {e: (self._fan_in_sums if s.fan_in else self._blocked_sums)(
+                blocks, e, s, nodes) for e, s in edges.items()}
             nodes = self._node_updates(self._step_params(blocks, 0, edges, dtype)["nodes"],
                                        nodes, edges, sums)
         else:
@@ -337,22 +349,31 @@ class TypedGraphNet(hk.Module):
                       nodes: Mapping[str, jax.Array]) -> jax.Array:
         """Per-receiver sums of the new messages of one edge set, one block of edges at a time.
 
-        Each block embeds its static edge features, computes its messages from the
-        pre-projected sender/receiver tables and scatter-adds them into the running sums;
-        with `remat_blocks` the backward pass recomputes a block instead of storing it.
-        Padding edges (to fill the last block) are masked out. Returns [N_receivers, B, L].
+        Each block embeds its static edge features, computes its messages from the first-layer
+        slices of its senders and receivers and scatter-adds them into the running sums; with
+        `remat_blocks` the backward pass recomputes a block instead of storing it. Padding
+        edges (to fill the last block) are masked out. Returns [N_receivers, B, L].
         """
         receivers_table = nodes[edge_set.receiver_set]
         dtype, latent = receivers_table.dtype, self._latent_size
         sum_dtype = jnp.float32 if self._f32_aggregation else dtype
         embed = blocks[f"encoder_edges_{name}"].params(edge_set.features.shape[-1], dtype)
         update = blocks[f"processor_edges_0_{name}"].params(3 * latent, dtype)
-        # First-layer slices for senders and receivers, applied once to the node tables.
+        # The receivers' first-layer slice is applied once to their table, in row blocks (a
+        # grid-sized product and its gradient then never exist whole in a wider dtype: XLA on
+        # CPU computes bf16 products in float32). A sender table about as large as the edge
+        # set (the encoder's grid) is instead projected per block of gathered rows, since a
+        # projected copy of it would be kept whole for the backward pass; a much smaller one
+        # (mesh senders) is projected once, as a table.
         w = update["mlp"][0][0]
-        sender_part = jnp.dot(nodes[edge_set.sender_set], w[latent:2 * latent])  # [Ns, B, L]
-        receiver_part = jnp.dot(receivers_table, w[2 * latent:])                 # [Nr, B, L]
-
+        w_senders = w[latent:2 * latent]
+        receiver_part = self._rows(lambda x: jnp.dot(x, w[2 * latent:]), receivers_table)  # [Nr, B, L]
+        senders_table = nodes[edge_set.sender_set]
         num_edges = edge_set.senders.shape[0]
+        project_per_block = 4 * senders_table.shape[0] > num_edges
+        if not project_per_block:
+            senders_table = self._rows(lambda x: jnp.dot(x, w_senders), senders_table)
+
         num_blocks, size, pad = _blocking(num_edges, self._block_size)
 
         def in_blocks(x):
@@ -365,7 +386,10 @@ class TypedGraphNet(hk.Module):
         def block(sums, x):
             features, senders, receivers, valid = x
             latents = block_apply(embed, features)                                # [Eb, 1, L]
-            h = ((jnp.dot(latents, w[:latent]) + sender_part[senders]) + receiver_part[receivers]
+            sender_part = senders_table[senders]                                  # [Eb, B, L]
+            if project_per_block:
+                sender_part = jnp.dot(sender_part, w_senders)
+            h = ((jnp.dot(latents, w[:latent]) + sender_part) + receiver_part[receivers]
                  + update["mlp"][0][1])
             messages = block_from_first_layer(update, h) * valid[:, None, None]
             return sums.at[receivers].add(messages.astype(sum_dtype)), None
@@ -374,3 +398,43 @@ class TypedGraphNet(hk.Module):
             block = jax.checkpoint(block)
         sums, _ = jax.lax.scan(block, jnp.zeros(receivers_table.shape, sum_dtype), xs)
         return sums.astype(dtype)
+
+    def _fan_in_sums(self, blocks, name: str, edge_set: EdgeSet,
+                     nodes: Mapping[str, jax.Array]) -> jax.Array:
+        """`_blocked_sums` for edges sorted by receiver with a fixed fan-in k: a block of
+        receivers and its k-times-larger block of edges are processed together, and the sums
+        are sums over k. No scatter, no running [N_receivers, B, L] sum, and the receivers'
+        first-layer slice is applied one block at a time. Returns [N_receivers, B, L]."""
+        receivers_table = nodes[edge_set.receiver_set]
+        dtype, latent, k = receivers_table.dtype, self._latent_size, edge_set.fan_in
+        sum_dtype = jnp.float32 if self._f32_aggregation else dtype
+        embed = blocks[f"encoder_edges_{name}"].params(edge_set.features.shape[-1], dtype)
+        update = blocks[f"processor_edges_0_{name}"].params(3 * latent, dtype)
+        w = update["mlp"][0][0]
+        sender_part = self._rows(lambda x: jnp.dot(x, w[latent:2 * latent]),
+                                 nodes[edge_set.sender_set])                     # [Ns, B, L]
+
+        num_receivers = receivers_table.shape[0]
+        num_blocks, size, pad = _blocking(num_receivers, max(1, self._block_size // k))
+
+        def in_blocks(x, rows_per_receiver):
+            x = jnp.pad(x, [(0, pad * rows_per_receiver)] + [(0, 0)] * (x.ndim - 1))
+            return x.reshape((num_blocks, size * rows_per_receiver) + x.shape[1:])
+
+        xs = (in_blocks(edge_set.features, k), in_blocks(edge_set.senders, k),
+              in_blocks(receivers_table, 1))
+
+        def block(x):
+            features, senders, receivers = x                      # [k*b, 1, F], [k*b], [b, B, L]
+            latents = block_apply(embed, features)                                # [k*b, 1, L]
+            receiver_part = jnp.repeat(jnp.dot(receivers, w[2 * latent:]), k, axis=0)
+            h = ((jnp.dot(latents, w[:latent]) + sender_part[senders]) + receiver_part
+                 + update["mlp"][0][1])
+            messages = block_from_first_layer(update, h)                          # [k*b, B, L]
+            messages = messages.reshape((size, k) + messages.shape[1:]).astype(sum_dtype)
+            return jnp.sum(messages, axis=1)                                      # [b, B, L]
+
+        if self._remat_blocks:
+            block = jax.checkpoint(block)
+        sums = jax.lax.map(block, xs)
+        return sums.reshape((num_blocks * size,) + sums.shape[2:])[:num_receivers].astype(dtype)

@@ -16,6 +16,7 @@ import pytest
 from graphcast import config as config_lib
 from graphcast import memory
 from graphcast import rollout
+from graphcast import typed_graph_net
 
 BENCH_MODEL = config_lib.ModelConfig(resolution=1.0, mesh_size=4, latent_size=64, gnn_msg_steps=4,
                                      hidden_layers=1, radius_query_fraction_edge_length=0.6)
@@ -57,6 +58,9 @@ def test_fast_path_matches_plain_path(model, resolution, steps):
     blocked = rollout.Predictor(model, task, stats, lat, lon, graphs=plain.graphs,
                                 remat_steps=True, remat_blocks=True,
                                 block_size=plain.graphs.grid2mesh_senders.size // 3 + 7)
+    # The decoder's blocks then take the scatter-free path (3 sorted edges per grid node).
+    assert typed_graph_net.fixed_fan_in(plain.graphs.mesh2grid_receivers,
+                                        plain.graphs.num_grid_nodes) == 3
     batch = random_batch(task, steps, lat, lon)
     params = jax.jit(plain.init)(jax.random.PRNGKey(0), batch)
     reference = loss_and_grads(plain, params, batch)
@@ -64,3 +68,11 @@ def test_fast_path_matches_plain_path(model, resolution, steps):
     assert_same(reference, loss_and_grads(blocked, params, batch))
     blocked_params = jax.jit(blocked.init)(jax.random.PRNGKey(0), batch)
     assert jax.tree.map(jnp.shape, blocked_params) == jax.tree.map(jnp.shape, params)
+
+
+def test_fixed_fan_in():
+    assert typed_graph_net.fixed_fan_in(np.array([0, 0, 1, 1, 2, 2]), 3) == 2
+    assert typed_graph_net.fixed_fan_in(np.array([0, 1, 2]), 3) == 1
+    assert typed_graph_net.fixed_fan_in(np.array([0, 0, 1, 2, 2, 1]), 3) is None  # unsorted
+    assert typed_graph_net.fixed_fan_in(np.array([0, 0, 0, 1, 2]), 3) is None     # uneven
+    assert typed_graph_net.fixed_fan_in(np.array([0, 0, 1, 1, 1, 1]), 3) is None  # 2 has none
