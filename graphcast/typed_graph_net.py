@@ -427,12 +427,11 @@ class TypedGraphNet(hk.Module):
         def block(x):
             features, senders, receivers = x                      # [k*b, 1, F], [k*b], [b, B, L]
             latents = block_apply(embed, features)                                # [k*b, 1, L]
-            receiver_part = jnp.repeat(jnp.dot(receivers, w[2 * latent:]), k, axis=0)
-            h = ((jnp.dot(latents, w[:latent]) + sender_part[senders]) + receiver_part
-                 + update["mlp"][0][1])
-            messages = block_from_first_layer(update, h)                          # [k*b, B, L]
-            messages = messages.reshape((size, k) + messages.shape[1:]).astype(sum_dtype)
-            return jnp.sum(messages, axis=1)                                      # [b, B, L]
+            h = jnp.dot(latents, w[:latent]) + sender_part[senders]               # [k*b, B, L]
+            h = h.reshape((size, k) + h.shape[1:])                                # [b, k, B, L]
+            h = h + jnp.dot(receivers, w[2 * latent:])[:, None] + update["mlp"][0][1]
+            messages = block_from_first_layer(update, h)                          # [b, k, B, L]
+            return jnp.sum(messages.astype(sum_dtype), axis=1)                    # [b, B, L]
 
         if self._remat_blocks:
             block = jax.checkpoint(block)
