@@ -220,8 +220,9 @@ def _reader(ckpt_dir):
     return ckpt_lib.Checkpointer(config, "read")
 
 
-# gcp-storage-emulator sometimes answers tensorstore's conditional writes with headers it cannot
-# parse (about 1 save in 30, ECOSYSTEM.md): a run that meets it tests nothing of ours and is redone.
+# gcp-storage-emulator sends no generation headers, which tensorstore's OCDBT manifest writes rely
+# on, so a gs:// save sometimes fails with this error (1 in 30 per ECOSYSTEM.md; more often in
+# some runs here): a run that meets it tests nothing of ours and is redone.
 _EMULATOR_FLAKE = "Malformed StorageGeneration"
 
 
