@@ -15,10 +15,9 @@ import urllib.request
 
 import pytest
 
-# The reference fixtures: GRAPHCAST_FIXTURE_DIR, else shared/ beside the repository.
+# The reference fixtures: GRAPHCAST_FIXTURE_DIR, else the set kept in this repository.
 FIXTURE_DIR = os.environ.get("GRAPHCAST_FIXTURE_DIR", os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "fixtures",
-    "graphcast_reference"))
+    os.path.dirname(os.path.abspath(__file__)), "fixtures", "graphcast_reference"))
 
 _LOOPBACK_ENV = {
     "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",

@@ -1,7 +1,7 @@
 """Static graphs: mesh, connectivity, features, cache and the describe CLI vs the reference.
 
 Expectations come from the fixture folder (GRAPHCAST_FIXTURE_DIR, default
-../shared/fixtures/graphcast_reference: graph_structures.npz, graph_stats.json,
+tests/fixtures/graphcast_reference: graph_structures.npz, graph_stats.json,
 fixture_config.json) and from the spec's published hashes and sample values (sections 3.5
 and Appendix A), which do not depend on the fixture set.
 """

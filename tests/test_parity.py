@@ -1,9 +1,8 @@
 """Parity with the reference GraphCast: parameters, inputs, predictions, loss and gradients.
 
 Every expectation is read from the fixture folder (GRAPHCAST_FIXTURE_DIR, default
-../shared/fixtures/graphcast_reference); tolerances follow the fixture README's
-suggestions, expressed relative to the statistics, so another fixture set (grid,
-mesh, width, task) runs unchanged.
+tests/fixtures/graphcast_reference); tolerances are the ones its README lists, relative to the
+statistics, so another fixture set (grid, mesh, width, task) runs unchanged.
 """
 
 import dataclasses
