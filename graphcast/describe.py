@@ -45,19 +45,20 @@ def grid_input_channels(task_config: config_lib.TaskConfig) -> int:
 
 def count_parameters(model_config: config_lib.ModelConfig,
                      task_config: config_lib.TaskConfig) -> int:
-    """Number of trainable parameters (spec 7.4); independent of mesh size and grid."""
+    """Number of trainable parameters, counted from the MLP sizes; independent of mesh size
+    and grid (the graphs only decide how often each MLP is applied)."""
     latent, hidden, steps = (model_config.latent_size, model_config.hidden_layers,
                              model_config.gnn_msg_steps)
     grid_in = grid_input_channels(task_config)
     outputs = task_config.num_outputs()
 
-    def block(in_size):  # MLP to latent followed by a LayerNorm
+    def mlp_norm(in_size):  # MLP to latent followed by a LayerNorm
         return _mlp_params(in_size, latent, latent, hidden) + 2 * latent
 
-    grid2mesh = (block(4) + 2 * block(grid_in) + block(3 * latent) + block(latent)
-                 + block(2 * latent))
-    mesh = block(4) + steps * (block(3 * latent) + block(2 * latent))
-    mesh2grid = (block(4) + block(3 * latent) + block(2 * latent) + block(latent)
+    grid2mesh = (mlp_norm(4) + 2 * mlp_norm(grid_in) + mlp_norm(3 * latent) + mlp_norm(latent)
+                 + mlp_norm(2 * latent))
+    mesh = mlp_norm(4) + steps * (mlp_norm(3 * latent) + mlp_norm(2 * latent))
+    mesh2grid = (mlp_norm(4) + mlp_norm(3 * latent) + mlp_norm(2 * latent) + mlp_norm(latent)
                  + _mlp_params(latent, outputs, latent, hidden))
     return grid2mesh + mesh + mesh2grid
 
@@ -146,8 +147,10 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--batch", type=int, default=1, help="per-device batch (--memory)")
     parser.add_argument("--ar-steps", type=int, default=1, help="rollout steps (--memory)")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 activations (--memory)")
-    parser.add_argument("--remat-blocks", action="store_true", help="block remat (--memory)")
-    parser.add_argument("--block-size", type=int, default=None, help="edge/node blocks (--memory)")
+    parser.add_argument("--remat-blocks", action="store_true",
+                        help="rematerialize message-passing rounds and row blocks (--memory)")
+    parser.add_argument("--block-size", type=int, default=None,
+                        help="grid<->mesh edges and nodes in blocks of this many rows (--memory)")
     args = parser.parse_args(argv)
 
     if args.checkpoint:

@@ -29,7 +29,8 @@ class GraphCastNetwork:
       graphs: the static grid/mesh graphs and their structural features.
       dtype: activation dtype (float32, or bfloat16 for the mixed-precision path).
       split_first_layer, remat_blocks, block_size: see `typed_graph_net.TypedGraphNet`
-        (the block size applies to the encoder's and decoder's grid<->mesh edges).
+        (the block size applies to the encoder and decoder, the nets of one round: their
+        grid<->mesh edges and node-wise MLPs).
     """
 
     def __init__(self, model_config: config_lib.ModelConfig, task_config: config_lib.TaskConfig,

@@ -53,9 +53,8 @@ class Predictor:
       bf16: run the network in bfloat16 (parameters stay float32; aggregation on the
         encoder, normalization, residuals and loss stay float32).
       remat_steps: rematerialize each autoregressive step in the backward pass.
-      remat_blocks: rematerialize each MLP + LayerNorm block inside the network.
-      block_size: process grid<->mesh edges and grid nodes in blocks of this many (memory).
-      split_first_layer: see `typed_graph_net.TypedGraphNet` (same function, faster).
+      remat_blocks, block_size, split_first_layer: memory and speed options of the network,
+        none of which changes the function computed: see `model.GraphCastNetwork`.
       graphs: prebuilt static graphs (built, or read from `graph_cache_dir`, if absent).
     """
 
