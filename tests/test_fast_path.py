@@ -8,13 +8,17 @@ configuration (1 deg, 13 levels, mesh 4, latent 64, 4 message-passing steps).
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
+import jraph
 import numpy as np
 import pytest
 
+from graphcast import blocked_message_passing as blocked
 from graphcast import config as config_lib
 from graphcast import memory
+from graphcast import mlp
 from graphcast import rollout
 from graphcast import typed_graph_net
 
@@ -36,8 +40,7 @@ def assert_same(a, b):
     (loss_a, grads_a), (loss_b, grads_b) = a, b
     np.testing.assert_allclose(float(loss_a), float(loss_b), rtol=1e-5)
     scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads_a))
-    for x, y in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-5 * scale)
+    chex.assert_trees_all_close(grads_a, grads_b, rtol=0, atol=1e-5 * scale)
 
 
 @pytest.mark.parametrize("model, resolution, steps", [
@@ -54,7 +57,7 @@ def test_fast_path_matches_plain_path(model, resolution, steps):
                               remat_steps=False)
     fast = rollout.Predictor(model, task, stats, lat, lon, graphs=plain.graphs,
                              split_first_layer=True, remat_steps=True, remat_blocks=True)
-    # Blocks that do not divide the edge count, so padding is exercised.
+    # Blocks of rows that do not divide the edge count, so padding is exercised.
     blocked = rollout.Predictor(model, task, stats, lat, lon, graphs=plain.graphs,
                                 remat_steps=True, remat_blocks=True,
                                 block_size=plain.graphs.grid2mesh_senders.size // 3 + 7)
@@ -67,7 +70,7 @@ def test_fast_path_matches_plain_path(model, resolution, steps):
     assert_same(reference, loss_and_grads(fast, params, batch))
     assert_same(reference, loss_and_grads(blocked, params, batch))
     blocked_params = jax.jit(blocked.init)(jax.random.PRNGKey(0), batch)
-    assert jax.tree.map(jnp.shape, blocked_params) == jax.tree.map(jnp.shape, params)
+    chex.assert_trees_all_equal_shapes(blocked_params, params)
 
 
 def test_fixed_fan_in():
@@ -76,3 +79,56 @@ def test_fixed_fan_in():
     assert typed_graph_net.fixed_fan_in(np.array([0, 0, 1, 2, 2, 1]), 3) is None  # unsorted
     assert typed_graph_net.fixed_fan_in(np.array([0, 0, 0, 1, 2]), 3) is None     # uneven
     assert typed_graph_net.fixed_fan_in(np.array([0, 0, 1, 1, 1, 1]), 3) is None  # 2 has none
+
+
+def _mlp_norm_params(rng, in_size, latent):
+    def linear(n_in):
+        return (jnp.asarray(rng.standard_normal((n_in, latent), np.float32) / np.sqrt(n_in)),
+                jnp.asarray(rng.standard_normal(latent, np.float32)))
+    return {"mlp": [linear(in_size), linear(latent)],
+            "norm": (jnp.asarray(rng.uniform(0.5, 1.5, latent).astype(np.float32)),
+                     jnp.asarray(rng.standard_normal(latent, np.float32)))}
+
+
+@pytest.mark.parametrize("num_senders", [5, 20])  # senders projected as a table / per block
+@pytest.mark.parametrize("remat", [False, True])
+def test_blocked_sums_match_whole_array_sums(num_senders, remat):
+    """Both blocked edge sums equal embedding, concatenating, applying the edge MLP to all
+    edges at once and summing per receiver (block sizes that leave padding)."""
+    rng = np.random.default_rng(0)
+    latent, batch, num_receivers, k = 8, 2, 11, 3
+    num_edges = num_receivers * k
+    embed = _mlp_norm_params(rng, 4, latent)
+    update = _mlp_norm_params(rng, 3 * latent, latent)
+    features = jnp.asarray(rng.standard_normal((num_edges, 1, 4), np.float32))
+    senders = jnp.asarray(rng.integers(0, num_senders, num_edges), jnp.int32)
+    receivers = jnp.repeat(jnp.arange(num_receivers, dtype=jnp.int32), k)
+    senders_table = jnp.asarray(rng.standard_normal((num_senders, batch, latent), np.float32))
+    receivers_table = jnp.asarray(rng.standard_normal((num_receivers, batch, latent), np.float32))
+
+    latents = mlp.mlp_norm_apply(embed, features)
+    messages = mlp.mlp_norm_apply(update, jnp.concatenate(
+        [jnp.broadcast_to(latents, (num_edges, batch, latent)), senders_table[senders],
+         receivers_table[receivers]], axis=-1))
+    expected = jraph.segment_sum(messages, receivers, num_segments=num_receivers)
+
+    options = dict(block_size=7, remat=remat, sum_dtype=jnp.float32)
+    shuffled = rng.permutation(num_edges)  # scatter sums take receivers in any order
+    scattered = blocked.scatter_sums(embed, update, features[shuffled], senders[shuffled],
+                                     receivers[shuffled], senders_table, receivers_table,
+                                     **options)
+    by_fan_in = blocked.fan_in_sums(embed, update, features, senders, k, senders_table,
+                                    receivers_table, **options)
+    for sums in (scattered, by_fan_in):
+        chex.assert_shape(sums, (num_receivers, batch, latent))
+        chex.assert_trees_all_close(sums, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_rows_in_blocks_match_whole_rows():
+    def fn(a, b):
+        return jnp.sin(a) * b
+
+    x = jnp.arange(30.0).reshape(10, 1, 3)
+    for block_size in (3, 5, 10, None):
+        chex.assert_trees_all_close(
+            blocked.rows(fn, x, 2 * x, block_size=block_size, remat=True), fn(x, 2 * x))
