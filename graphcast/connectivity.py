@@ -1,6 +1,6 @@
 """Grid <-> mesh connectivity: radius query (grid2mesh) and closest-face rule (mesh2grid).
 
-Spec section 4. Grid points and mesh vertices are float32 unit vectors; index arrays keep
+Grid points and mesh vertices are float32 unit vectors; index arrays keep
 the reference's dtypes (grid2mesh int64/int64, mesh2grid senders int32, receivers int64).
 """
 
@@ -9,8 +9,8 @@ from scipy import spatial
 
 from graphcast import icosahedral_mesh
 
-# trimesh's tie rule (spec 4.3): two best squared distances closer than this, both above it,
-# are decided by the face normals.
+# trimesh's tie rule (the reference finds mesh2grid faces with trimesh): two best squared
+# distances closer than this, both above it, are decided by the face normals.
 _TRIMESH_TOL = 1e-8
 # trimesh's tolerance for snapping a closest point onto a triangle edge or vertex.
 _SNAP = 1e-13
@@ -211,7 +211,7 @@ def _closest_faces_by_distance(points: np.ndarray, candidates: np.ndarray, verti
 def closest_faces(grid_xyz: np.ndarray, mesh: icosahedral_mesh.TriangularMesh,
                   chunk_size: int = 1 << 18, use_trimesh_for_ties: bool = True) -> np.ndarray:
     """Face index [N] int64 of the flat finest mesh whose closest point to each grid point
-    is nearest, following trimesh's rule (spec 4.3).
+    is nearest, following trimesh's rule (as the reference, which uses trimesh).
 
     Fast path: the face around the nearest vertex into whose interior the point projects.
     Points near edges/vertices get the full rule on the faces around their 3 nearest

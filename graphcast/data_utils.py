@@ -1,6 +1,6 @@
 """Derived forcings, input/target/forcing extraction, and dataset <-> array conversion.
 
-Spec section 13. Works on two dataset layouts with one code path:
+Works on two dataset layouts with one code path:
   * DeepMind files: dims (batch, time, [level,] lat, lon), `time` holds lead timedeltas and a
     `datetime` coordinate (batch, time) holds the absolute timestamps;
   * the internal normalized layout: dims (time, [level,] lat, lon) with `time` itself datetime64.
@@ -175,7 +175,7 @@ def extract_inputs_targets_forcings(
         forcing_variables: Sequence[str], pressure_levels: Sequence[int], input_duration: Any,
         target_lead_times: Any, **unused_task_fields: Any
 ) -> tuple[xr.Dataset, xr.Dataset, xr.Dataset]:
-    """Splits an example into (inputs, targets, forcings), spec 13.2.
+    """Splits an example into (inputs, targets, forcings) as the reference does.
 
     Levels are selected by value in `pressure_levels` order; progress features and TISR are
     derived when they are forcings and absent; `datetime` is dropped; `time` becomes lead time

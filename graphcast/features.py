@@ -1,4 +1,4 @@
-"""Geometric node and edge features of the three graphs (spec sections 2, 3.6 and 5).
+"""Geometric node and edge features of the three graphs.
 
 Node features are float32 from float32 lat/lon; edge features are float64, expressed in a
 frame where the receiver sits at lat 0, lon 0. Operation order follows the reference so

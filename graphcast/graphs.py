@@ -1,7 +1,7 @@
 """The three static graphs of GraphCast (grid2mesh, multi-mesh, mesh2grid) and their cache.
 
 `build_graphs` turns a ModelConfig and the data's lat/lon into index arrays and geometric
-features (spec sections 3-5), exactly in the reference's order and orientation: senders
+features, exactly in the reference's order and orientation: senders
 are always the source node set. Building 0.25 deg / mesh 6 takes seconds, so an optional
 npz cache (no pickle) keyed by everything the graphs depend on lets restarts skip it.
 """

@@ -1,14 +1,14 @@
 """Icosahedral multi-mesh: base icosahedron, split refinement, hierarchy, faces -> edges.
 
 Everything is float32 and follows the reference's operation order so that the vertex
-arrays are bit-identical to the reference (spec section 3); graph parity depends on it.
+arrays are bit-identical to the reference; graph parity depends on it.
 """
 
 import dataclasses
 
 import numpy as np
 
-# Rotation about y that puts the poles at face centres (spec 3.1).
+# Rotation about y that puts the poles at face centres.
 _PHI = (1.0 + np.sqrt(5.0)) / 2.0
 _TILT = (np.pi - 2.0 * np.arcsin(_PHI / np.sqrt(3.0))) / 2.0
 

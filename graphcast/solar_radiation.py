@@ -1,4 +1,5 @@
-"""Top-of-atmosphere incident solar radiation (ERA5's `tisr`), spec section 13.4.
+"""Top-of-atmosphere incident solar radiation (ERA5's `tisr`), derived when a task
+needs it as a forcing and the data lack it.
 
 The flux is integrated over the hour ending at each timestamp (J/m^2). The arithmetic
 is float32 JAX on purpose: that is what the reference does (x64 disabled), and values

@@ -2,8 +2,9 @@
 
 Expectations come from the fixture folder (GRAPHCAST_FIXTURE_DIR, default
 tests/fixtures/graphcast_reference: graph_structures.npz, graph_stats.json,
-fixture_config.json) and from the spec's published hashes and sample values (sections 3.5
-and Appendix A), which do not depend on the fixture set.
+fixture_config.json) and from reference values written in this file (per-level mesh hashes,
+first edges, sample coordinates and features, parameter counts), which do not depend on the
+fixture set.
 """
 
 import contextlib
@@ -28,15 +29,15 @@ from conftest import FIXTURE_DIR
 
 FIXTURES = FIXTURE_DIR
 REPO_ROOT = os.path.join(os.path.dirname(__file__), "..")
-# NumPy's float32 arccos/arctan2/sin/cos differ by an ulp between SIMD paths (AVX2 vs AVX-512;
-# spec 16.2): a mesh latitude near 10.8 deg moves by up to 8 ulps (8e-6 deg), a longitude by an
+# NumPy's float32 arccos/arctan2/sin/cos differ by an ulp between SIMD paths (AVX2 vs AVX-512):
+# a mesh latitude near 10.8 deg moves by up to 8 ulps (8e-6 deg), a longitude by an
 # ulp (3e-5 deg near 300), and the sin/cos features derived from them by up to ~1e-6. Index
 # arrays and mesh vertices are compared exactly.
 FLOAT32_LAT_LON_ATOL = 5e-5    # degrees
 FLOAT32_FEATURE_ATOL = 2e-6
 FLOAT32_EDGE_FEATURE_ATOL = 2e-5  # also divided by the longest edge, which moves with its ends
 
-# Spec 3.5: SHA-256 prefixes of the float32 vertex / int32 face bytes of each level.
+# SHA-256 prefixes of the float32 vertex / int32 face bytes of each level.
 LEVEL_HASHES = {
     0: ("7181d71d4e7a7775", "8dde75b41502a257"),
     1: ("2f1ef9d93d1d8b68", "4c3015592e1372b3"),
@@ -141,14 +142,14 @@ def test_multimesh_edges_are_unique_and_bidirectional():
     assert all((r, s) in pairs for s, r in pairs)
 
 
-def test_first_multimesh_edges_appendix_a():
+def test_first_multimesh_edges_match_reference():
     multi = icosahedral_mesh.merge_meshes(icosahedral_mesh.mesh_hierarchy(5))
     senders, receivers = icosahedral_mesh.faces_to_edges(multi.faces)
     assert list(zip(senders[:6], receivers[:6])) == [(0, 1), (0, 6), (8, 0), (8, 4), (3, 8), (3, 2)]
     assert list(zip(senders[20:23], receivers[20:23])) == [(0, 12), (12, 1), (14, 13)]
 
 
-def test_mesh_lat_lon_and_features_appendix_a():
+def test_mesh_lat_lon_and_features_match_reference():
     vertices = icosahedral_mesh.mesh_hierarchy(2)[-1].vertices
     lat, lon = features.xyz_to_lat_lon(vertices)
     expected = np.array([(10.812325, 60), (52.62263, 120), (52.62263, 0), (10.812325, 300),
@@ -262,7 +263,7 @@ def test_1deg_mesh5_counts(graphs_1deg_mesh5, graph_stats):
     assert (in_degree == 0).sum() == entry["mesh_nodes_without_grid2mesh_edge"]
 
 
-def test_1deg_mesh5_appendix_a(graphs_1deg_mesh5):
+def test_1deg_mesh5_sample_values_match_reference(graphs_1deg_mesh5):
     g = graphs_1deg_mesh5
     np.testing.assert_array_equal(g.grid_node_features[0], np.float32([-1, 1, 0]))
     np.testing.assert_array_equal(g.grid_node_features[32445],
@@ -307,7 +308,7 @@ def test_count_parameters(fixture_config):
     task = config_lib.TaskConfig(**fixture_config["task_config"])
     model_config = config_lib.ModelConfig(**fixture_config["model_config"])
     assert describe.count_parameters(model_config, task) == fixture_config["num_params"]
-    # Spec 7.3 / 7.4 worked examples.
+    # A small model on the TASK_13 variables and full GraphCast (L=512, S=16, all variables).
     small = config_lib.ModelConfig(1.0, 2, 32, 2, 1, 0.6)
     assert describe.count_parameters(small, config_lib.TASK_13) == 55891
     full = config_lib.ModelConfig(0.25, 6, 512, 16, 1, 0.6)
@@ -358,7 +359,7 @@ def test_describe_cli_json(graph_stats):
             info["mesh2grid_edges"]) == (
         entry["num_grid_nodes"], entry["num_mesh_nodes"], entry["num_multimesh_edges"],
         entry["num_grid2mesh_edges"], entry["num_mesh2grid_edges"])
-    assert info["params"] == 55891  # spec 7.3: L=32, H=1, S=2 on the TASK_13 variables
+    assert info["params"] == 55891  # L=32, H=1, S=2 on the TASK_13 variables
 
 
 def test_describe_cli_rejects_missing_arguments():

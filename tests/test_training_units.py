@@ -226,7 +226,7 @@ def test_cell_area_weights():
     lat = np.linspace(-90, 90, 5)
     w = evaluation.cell_area_weights(lat)
     assert w.mean() == pytest.approx(1.0)
-    # Poles are half-cells (spec: sin(d/4)^2 relative to cos(lat) sin(d/2) rows), symmetric.
+    # Poles are half-cells (sin(d/4)^2 where other rows have cos(lat) sin(d/2)), symmetric.
     np.testing.assert_allclose(w, w[::-1])
     d = np.deg2rad(45.0)
     ref = np.cos(np.deg2rad(lat)) * np.sin(d / 2)
