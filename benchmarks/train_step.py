@@ -42,10 +42,10 @@ def main() -> None:
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--remat", choices=["none", "steps", "blocks", "steps+blocks"],
                    default="steps+blocks", help="rematerialization policy: per autoregressive step, "
-                   "per MLP+LayerNorm block, both, or none")
+                   "per message-passing round and row block (remat_blocks), both, or none")
     p.add_argument("--block-size", type=int, default=16384,
-                   help="process grid<->mesh edges and grid nodes in blocks of this many "
-                   "(0: whole arrays)")
+                   help="process grid<->mesh edges and grid nodes in blocks of at most this many "
+                   "rows (0: whole arrays)")
     p.add_argument("--plain", action="store_true",
                    help="concatenate-then-multiply edge MLPs (the reference's formulation)")
     p.add_argument("--iters", type=int, default=5)
