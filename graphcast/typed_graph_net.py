@@ -1,4 +1,4 @@
-"""Typed graph network: the encoder, processor and decoder building block of GraphCast.
+"""Typed graph network: GraphCast's encoder, processor and decoder are each one of these.
 
 A `TypedGraphNet` works on named node sets and edge sets (edges from one node set to another):
 
