@@ -127,16 +127,13 @@ def fan_in_sums(embed: Mapping, update: Mapping, features: jax.Array, senders: j
 
     xs = (in_blocks(features, k), in_blocks(senders, k), in_blocks(receivers_table, 1))
 
-    def per_receiver(x):  # [k*b, ...] edges -> [b, k, ...]
-        return x.reshape((size, k) + x.shape[1:])
-
     def sum_block(x):
         features, senders, receivers = x                        # [k*b, 1, F], [k*b], [b, B, L]
         latents = mlp.mlp_norm_apply(embed, features)                         # [k*b, 1, L]
-        messages = mlp.edge_messages(
-            update, per_receiver(jnp.dot(latents, w[:latent])),               # [b, k, 1, L]
-            per_receiver(sender_part[senders]),                               # [b, k, B, L]
-            jnp.dot(receivers, w[2 * latent:])[:, None])                      # [b, 1, B, L]
+        messages = mlp.edge_messages(update, jnp.dot(latents, w[:latent]),
+                                     sender_part[senders],                    # [k*b, B, L]
+                                     jnp.dot(receivers, w[2 * latent:]),      # [b, B, L]
+                                     fan_in=k)                                # [b, k, B, L]
         return jnp.sum(messages.astype(sum_dtype), axis=1)                    # [b, B, L]
 
     if remat:

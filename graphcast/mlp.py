@@ -54,14 +54,20 @@ def first_layer_parts(params: Mapping, parts: Sequence[jax.Array]) -> list:
 
 
 def edge_messages(params: Mapping, edge_part: jax.Array, sender_part: jax.Array,
-                  receiver_part: jax.Array) -> jax.Array:
+                  receiver_part: jax.Array, fan_in: Optional[int] = None) -> jax.Array:
     """New edge messages `LN(MLP([e, v_sender, v_receiver]))` from the first-layer parts.
 
     The parts are the edge, sender and receiver slices of the first layer (`first_layer_parts`)
-    already gathered onto the edges (or broadcastable to them); the one formula every path of
-    the graph network uses, whole-array or block by block.
+    gathered onto the edges, `[E, B, L]` (or broadcastable to it): the one formula every path
+    of the graph network uses, whole-array or block by block. With `fan_in` k (edges sorted by
+    receiver, exactly k each), `receiver_part` is per receiver, `[E / k, B, L]`, and the
+    messages come out grouped by receiver, `[E / k, k, B, L]`, ready to be summed over k.
     """
-    h = (edge_part + sender_part) + receiver_part + params["mlp"][0][1]
+    h = edge_part + sender_part
+    if fan_in:
+        h = h.reshape((-1, fan_in) + h.shape[1:])
+        receiver_part = receiver_part[:, None]
+    h = h + receiver_part + params["mlp"][0][1]
     return layer_norm(mlp_apply(params["mlp"][1:], jax.nn.swish(h)), *params["norm"])
 
 
