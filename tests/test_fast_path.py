@@ -2,7 +2,8 @@
 
 Plain: concatenate-then-multiply edge MLPs, no rematerialization (the reference's
 formulation). Fast: first layer applied to node tables before gathering, plus
-rematerialization of blocks and autoregressive steps. Run on the benchmark
+rematerialization of message-passing rounds, row blocks and autoregressive steps; blocked:
+grid<->mesh edges and nodes in blocks of rows as well. Run on the benchmark
 configuration (1 deg, 13 levels, mesh 4, latent 64, 4 message-passing steps).
 """
 
