@@ -71,9 +71,13 @@ def predict_dataset(ckpt: checkpoint_lib.CheckPoint, dataset: xr.Dataset,
     checkpoint_lib.check_finite(ckpt)
     input_arrays = data_utils.dataset_to_arrays(inputs, task.input_variables)
     forcing_arrays = data_utils.dataset_to_arrays(forcings, task.forcing_variables)
-    for what, arrays, part in (("input", input_arrays, inputs), ("forcing", forcing_arrays,
-                                                                 forcings)):
-        times = part["datetime"].values.ravel() if "datetime" in part.coords else None
+    # Absolute times of the input and target frames: the targets are the file's last `steps`.
+    dates = np.asarray(dataset["datetime"].values) if "datetime" in dataset.coords else None
+    dates = dates[0] if dates is not None and dates.ndim == 2 else dates
+    n_in = inputs.sizes["time"]
+    for what, arrays, times in (
+            ("input", input_arrays, None if dates is None else dates[-steps - n_in:-steps]),
+            ("forcing", forcing_arrays, None if dates is None else dates[-steps:])):
         check_finite_inputs(arrays, times, what, source)
     predictor = rollout.Predictor(ckpt.model_config, task, stats, dataset["lat"].values,
                                   dataset["lon"].values, bf16=bf16)

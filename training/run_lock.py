@@ -6,10 +6,10 @@ A second run on the same directory is refused, naming the holder. A lock whose h
 is taken over with a warning: the holder's process no longer runs on this host, or its
 heartbeat is older than `stale_after_s` (the holder died on another host, or hangs).
 
-Creation is atomic: a local file is created with O_EXCL; on gs:// the object is uploaded with
-google-cloud-storage's `if_generation_match=0` (created only if absent), and the heartbeat and
-the release are conditional on the generation this run wrote, so a run that lost its lock never
-overwrites the new holder's. The eval job reads checkpoints only and takes no lock.
+The lock is read first; if absent it is created atomically: a local file with O_EXCL, on gs://
+an upload with google-cloud-storage's `if_generation_match=0` (created only if absent). Takeover,
+heartbeat and release are conditional on the version seen (the file's content under an flock;
+the object's generation), so a run that lost its lock never overwrites the new holder's. The eval job reads checkpoints only and takes no lock.
 """
 
 import contextlib
@@ -208,12 +208,12 @@ class RunLock:
         """Takes the lock (or a stale one, with a warning); RunLockedError if a live run has it."""
         me = Holder.me()
         for _ in range(3):
-            token = self._store.create(me.to_json())
-            if token is not None:
-                break
             current = self._store.read()
             if current is None:
-                continue  # released meanwhile: try to create it again
+                token = self._store.create(me.to_json())
+                if token is not None:
+                    break
+                continue  # another run created it first: look at it again
             text, seen = current
             holder = Holder.parse(text)
             reason = "its content is not a lock" if holder is None else \
