@@ -23,7 +23,6 @@ import pytest
 import xarray as xr
 
 import experiment
-from data import examples
 from data import validate
 from graphcast import checkpoint as gc_checkpoint
 from graphcast import exit_status
@@ -34,6 +33,7 @@ from test_experiment import sample_dir  # noqa: F401  (session fixture: the synt
 from test_reliability import (_arrays, _checkpoint, _good_config, _good_data, _plain_config,
                               _save, _set, _stats_copy, _write_zarr, no_model)  # noqa: F401
 from training import checkpointer as ckpt_lib
+from training import compat
 from training import preflight
 from training import run_lock
 
@@ -551,3 +551,137 @@ def test_only_user_errors_are_shortened():
              exit_status.LOCATION, exit_status.LOCKED, exit_status.DIVERGED,
              exit_status.TERMINATED, exit_status.INTERRUPTED}
     assert kinds <= set(statuses)
+
+
+# -- 1. whatever ends a run, the pending save completes and the real error is shown ------------
+
+class _EvalFails(experiment.Experiment):
+    def evaluate(self, *, global_step, rng, writer):
+        raise RuntimeError("the final evaluation exploded")
+
+
+def _slow_json_saves(monkeypatch, seconds):
+    """Every checkpoint save stays in flight for `seconds` (its metadata item writes slowly)."""
+    original = ocp.JsonCheckpointHandler.async_save
+
+    async def slow(self, *args, **kwargs):
+        time.sleep(seconds)
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.JsonCheckpointHandler, "async_save", slow)
+
+
+@pytest.mark.slow
+def test_failing_final_evaluation_keeps_the_last_step_and_its_error(sample_dir, tmp_path,  # noqa: F811
+                                                                     monkeypatch):
+    config = tiny_config(sample_dir, str(tmp_path / "run"), steps=3)
+    config.save_checkpoint_interval = 1
+    config.experiment_kwargs.config.eval.at_end = True
+    _slow_json_saves(monkeypatch, 1.0)
+    monkeypatch.setattr(experiment, "Experiment", _EvalFails)
+    compat.apply()
+    with pytest.raises(RuntimeError, match="the final evaluation exploded"):
+        experiment.run(config, "train")
+    monkeypatch.undo()
+    reader = ckpt_lib.Checkpointer(config, "read")
+    assert reader.all_steps("latest")[-1] == 3  # saved before the evaluation, and waited for
+    _, meta = reader.read("latest")
+    assert meta["step"] == 3
+    assert not os.path.exists(os.path.join(config.checkpoint_dir, run_lock.LOCK_NAME))
+
+
+def test_the_eval_job_takes_no_lock_and_names_a_missing_checkpoint(sample_dir, tmp_path):  # noqa: F811
+    config = _good_config(sample_dir, tmp_path)
+    config.experiment_kwargs.config.eval.restore_wait_s = 1
+    holder = run_lock.RunLock(config.checkpoint_dir)
+    holder.acquire()  # a live training run holds the directory
+    compat.apply()
+    try:
+        with pytest.raises(ckpt_lib.NoCheckpointError, match="run/latest"):
+            experiment.run(config, "eval")
+    finally:
+        holder.release()
+
+
+# -- command line: one line per user error, SIGTERM, two runs on one directory ------------------
+
+def _cli(args, timeout=300):
+    return subprocess.run([sys.executable, "experiment.py", *args], cwd=ROOT, text=True,
+                          capture_output=True, timeout=timeout)
+
+
+def _error_lines(text):
+    return [line for line in text.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.slow
+def test_user_errors_are_one_line_with_their_status(sample_dir, tmp_path):  # noqa: F811
+    base = _cli_overrides(sample_dir, tmp_path / "run", 2, 2)
+    out = _cli(base + ["--config.experiment_kwargs.config.data.bogus_field=3"])
+    assert out.returncode == exit_status.CONFIG, out.stderr[-2000:]
+    assert _error_lines(out.stderr) == [line for line in out.stderr.splitlines() if line.strip()]
+    assert "data.bogus_field" in out.stderr and "Traceback" not in out.stderr
+
+    # A credential in data.source, with the sample generator on: refused before anything reads
+    # or prints the source.
+    out = _cli(base + [f"--config.experiment_kwargs.config.data.source="
+                       f"https://user:{_SECRET}@host/era5.zarr?token={_SECRET}",
+                       f"--config.experiment_kwargs.config.data.generate_sample_dir={tmp_path}/s",
+                       "--verbosity=1"])
+    assert out.returncode == exit_status.CONFIG, out.stderr[-2000:]
+    assert _SECRET not in out.stdout + out.stderr and "Traceback" not in out.stderr
+    assert len(_error_lines(out.stderr)) == 1 and "data.source" in out.stderr
+    assert not (tmp_path / "s").exists() and not (tmp_path / "run").exists()
+
+
+def _read_until(proc, pattern, timeout=240):
+    """Lines of proc's output up to the first matching `pattern` (a background reader)."""
+    lines, found = [], threading.Event()
+
+    def pump():
+        for line in proc.stdout:
+            lines.append(line)
+            if re.search(pattern, line):
+                found.set()
+        found.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    assert found.wait(timeout) and any(re.search(pattern, x) for x in lines), "".join(lines)[-3000:]
+    return lines
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_current_step_and_a_second_run_is_refused(sample_dir, tmp_path):  # noqa: F811
+    run = tmp_path / "run"
+    args = _cli_overrides(sample_dir, run, 100000, 2) + [
+        "--config.save_checkpoint_interval=100000", "--config.log_train_data_interval=1"]
+    training = subprocess.Popen([sys.executable, "experiment.py", *args], cwd=ROOT, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        lines = _read_until(training, r"\[train\] step 3\b")
+
+        second = _cli(args)  # the same directory, while the first run trains
+        assert second.returncode == exit_status.LOCKED, second.stderr[-2000:]
+        assert _error_lines(second.stderr) == [x for x in second.stderr.splitlines() if x.strip()]
+        assert f"process {training.pid}" in second.stderr
+        assert socket.gethostname() in second.stderr and "started" in second.stderr
+
+        began = time.monotonic()
+        training.send_signal(signal.SIGTERM)
+        training.wait(timeout=120)
+        took = time.monotonic() - began
+    finally:
+        if training.poll() is None:
+            training.kill()
+    output = "".join(lines)
+    assert training.returncode == exit_status.TERMINATED, output[-3000:]
+    assert took < 60, took
+    saved = re.search(r"Stopped by SIGTERM; saved checkpoint step (\d+)", output)
+    assert saved, output[-3000:]
+    step = int(saved.group(1))
+    reader = ckpt_lib.Checkpointer(_plain_config(run), "read")
+    assert reader.all_steps("latest") == [step] and step >= 3
+    arrays, meta = reader.read("latest")
+    assert meta["step"] == step
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(arrays["experiment/params"]))
+    assert not (run / run_lock.LOCK_NAME).exists()
