@@ -253,15 +253,25 @@ class RunLock:
                 return
             self._holder, self._token = holder, token
 
-    def release(self) -> None:
-        """Stops the heartbeat and removes the lock if this run still holds it."""
+    def release(self, timeout_s: float = 10.0) -> None:
+        """Stops the heartbeat and removes the lock if this run still holds it, waiting at most
+        `timeout_s` for the storage (a lock left behind goes stale and is taken over)."""
         if self._thread is None:
             return
         self._stop.set()
-        self._thread.join(timeout=60)
         self._thread = None
-        if not self.lost:
+        if self.lost:
+            return
+        done = threading.Event()
+
+        def delete():
             try:
                 self._store.delete(self._token)
-            except Exception as e:  # noqa: BLE001 -- a leftover lock goes stale and is taken over
+            except Exception as e:  # noqa: BLE001 -- reported below as a leftover
                 logging.warning("Could not remove the run lock %s: %s", self.path, e)
+            done.set()
+
+        threading.Thread(target=delete, name="run_lock_release", daemon=True).start()
+        if not done.wait(timeout_s):
+            logging.warning("Removing the run lock %s did not finish within %g s; it will go "
+                            "stale and be taken over.", self.path, timeout_s)
