@@ -168,6 +168,16 @@ def test_each_check_is_a_named_error_before_compile_or_write(case, sample_dir, t
     assert _SECRET not in str(info.value)
 
 
+def test_statistics_of_data_with_an_inf_are_refused(tmp_path):
+    from data import stats
+    from graphcast import config as gc_config
+    source = _write_zarr(_inf_at_start(_good_data(levels=gc_config.PRESSURE_LEVELS[13],
+                                                  periods=20)), tmp_path / "inf.zarr")
+    with pytest.raises(validate.NaNDataError, match="Inf found in variable '2m_temperature'"):
+        stats.run(source, "2020-01-01", "2020-01-05", str(tmp_path / "stats"))
+    assert not (tmp_path / "stats").exists()
+
+
 @pytest.mark.parametrize("mode", ["eval", "export"])
 def test_eval_and_export_run_the_config_checks(mode, sample_dir, tmp_path, no_model):  # noqa: F811
     config = _good_config(sample_dir, tmp_path)
