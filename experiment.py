@@ -549,8 +549,8 @@ def _finish_saves(checkpointer) -> None:
 
 
 def _on_sigterm(grace_s: float):
-    """SIGTERM handler: stop after the current step (the checkpoint at that step is saved by the
-    end of training); past `grace_s` s the process exits regardless, its previous checkpoint kept."""
+    """SIGTERM handler: stop after the current step (the checkpoint at that step is saved at the
+    end of training); past `grace_s` s the process exits regardless, keeping the previous one."""
     def handler(signum, frame):
         del signum, frame
         if _STOP_REQUESTED.is_set():
@@ -595,7 +595,7 @@ def _train(config, make_writer) -> None:
         if lock is not None:
             lock.release()
     if _STOP_REQUESTED.is_set():
-        step = checkpointer.latest_step("latest")
+        step = checkpointer.get_experiment_state("latest").global_step  # jaxline's final save
         raise Terminated(f"Stopped by SIGTERM; saved checkpoint step {step} in "
                          f"{checkpointer.directory('latest')}. Rerun the same command to resume.")
 

@@ -709,6 +709,7 @@ def test_sigterm_saves_the_current_step_and_a_second_run_is_refused(sample_dir, 
     output = "".join(lines)
     assert training.returncode == exit_status.TERMINATED, output[-3000:]
     assert took < 60, took
+    print(f"SIGTERM to exit: {took:.1f} s")
     saved = re.search(r"Stopped by SIGTERM; saved checkpoint step (\d+)", output)
     assert saved, output[-3000:]
     step = int(saved.group(1))

@@ -117,8 +117,9 @@ def check_no_credentials(config) -> None:
         if is_credential(path.rsplit(".", 1)[-1], value):
             raise ConfigError(
                 f"Config field {path} looks like a credential (a secret-like name, a URL with "
-                "user:password@, or a token/key/signature query parameter). Configs are logged and saved with checkpoints, so credentials "
-                "are refused there: use application-default credentials (gcloud auth "
+                "user:password@, or a token/key/signature query parameter). Configs are logged "
+                "and saved with checkpoints, so credentials are refused there: use "
+                "application-default credentials (gcloud auth "
                 "application-default login) or GOOGLE_APPLICATION_CREDENTIALS in the environment.")
 
 

@@ -9,7 +9,8 @@ heartbeat is older than `stale_after_s` (the holder died on another host, or han
 The lock is read first; if absent it is created atomically: a local file with O_EXCL, on gs://
 an upload with google-cloud-storage's `if_generation_match=0` (created only if absent). Takeover,
 heartbeat and release are conditional on the version seen (the file's content under an flock;
-the object's generation), so a run that lost its lock never overwrites the new holder's. The eval job reads checkpoints only and takes no lock.
+the object's generation), so a run that lost its lock never overwrites the new holder's. The
+eval job reads checkpoints only and takes no lock.
 """
 
 import contextlib
@@ -139,16 +140,17 @@ class _GcsStore:
     """The lock object on gs://, updated only if its generation is the one this run saw."""
 
     def __init__(self, url: str, storage_options: Optional[dict] = None, timeout: float = 30.0):
-        from google.api_core import exceptions  # pylint: disable=import-outside-toplevel
-        from google.cloud import storage  # pylint: disable=import-outside-toplevel
+        # pylint: disable=import-outside-toplevel
+        from google.api_core import exceptions
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
         self._conflict = (exceptions.PreconditionFailed, exceptions.NotFound)
         self.path = url
         bucket, name = url.split("://", 1)[1].split("/", 1)
         endpoint = gcs.endpoint(storage_options)
         if endpoint:
-            from google.auth.credentials import AnonymousCredentials  # pylint: disable=import-outside-toplevel
             client = storage.Client(
-                project="emulator", credentials=AnonymousCredentials(),
+                project="anonymous", credentials=AnonymousCredentials(),
                 client_options={"api_endpoint": endpoint if "://" in endpoint
                                 else f"http://{endpoint}"})
         else:
