@@ -464,9 +464,24 @@ def check_param_shapes(params, model_config: gc_config.ModelConfig,
     diffs = [f"{k}: checkpoint {have.get(k)}, config {want.get(k)}"
              for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)]
     if diffs:
+        found, wanted = _size_fields(params), _size_fields(expected)
+        fields = [f"model.{k}: parameters have {found[k]}, config has {wanted[k]}"
+                  for k in wanted if found.get(k) != wanted[k]] or ["task or grid"]
         raise ckpt_lib.ConfigMismatchError(
             f"The parameters of {source} do not have the shapes of the configured model "
-            f"(model {model_config}): {len(diffs)} differ, e.g. {'; '.join(diffs[:3])}.")
+            f"({'; '.join(fields)}): {len(diffs)} arrays differ, e.g. {'; '.join(diffs[:3])}.")
+
+
+def _size_fields(params) -> dict:
+    """latent_size, gnn_msg_steps and hidden_layers as the parameter tree shows them (haiku
+    module names of the GraphCast networks)."""
+    latent = [np.shape(p["offset"])[0] for m, p in params.items()
+              if m.endswith("encoder_edges_grid2mesh_layer_norm")]
+    rounds = {m.split("processor_edges_", 1)[1].split("_", 1)[0] for m in params
+              if m.startswith("mesh_gnn/") and "processor_edges_" in m}
+    layers = [m for m in params if "encoder_edges_grid2mesh_mlp/" in m]
+    return {"latent_size": latent[0] if latent else None, "gnn_msg_steps": len(rounds),
+            "hidden_layers": len(layers) - 1}
 
 
 def export(config, path: str, step: Optional[int]) -> str:

@@ -427,6 +427,12 @@ def test_export_refuses_mismatched_or_non_finite_parameters(sample_dir, tmp_path
                        match="model.latent_size: checkpoint has 16, config has 64"):
         experiment.export(relabelled, str(tmp_path / "relabelled.npz"), None)
     assert not (tmp_path / "relabelled.npz").exists()
+    # Even when the recorded config agrees, the shapes tell the sizes apart.
+    relabelled.checkpoint_dir = str(tmp_path / "relabelled_run")
+    _save_params(relabelled, params)
+    with pytest.raises(ckpt_lib.ConfigMismatchError,
+                       match="model.latent_size: parameters have 16, config has 64"):
+        experiment.export(relabelled, str(tmp_path / "relabelled.npz"), None)
 
     with pytest.raises(preflight.LocationError, match="no/such/dir"):
         experiment.export(config, str(tmp_path / "no" / "such" / "dir" / "m.npz"), None)
