@@ -391,8 +391,7 @@ def test_gcs_run_lock_on_the_emulator(gcs_emulator, caplog):
 # -- 5. export and predict refuse non-finite or mismatched parameters -------------------------
 
 def _export_config(sample, tmp):
-    config = tiny_config(sample, str(tmp / "run"), steps=2)
-    return config
+    return tiny_config(sample, str(tmp / "run"), steps=2)
 
 
 def _save_params(config, params, step=1):
