@@ -10,11 +10,19 @@ Modes: `train` (with in-process evaluation every `eval.interval_steps` and after
 `train_eval_multithreaded` (both in one process), `export` (official GraphCast .npz).
 Training resumes automatically from the newest checkpoint in `config.checkpoint_dir`.
 No TensorFlow: jaxline.train is driven directly (jaxline.platform imports TensorFlow).
+
+However a run ends, pending checkpoint saves finish before the process exits, and the error shown
+is the one that ended it. SIGTERM (preemption) saves a checkpoint at the current step, then exits
+with status 143. User errors print one line and exit with their kind's status
+(graphcast.exit_status); bugs keep their traceback.
 """
 
 import concurrent.futures
 import logging as std_logging
 import os
+import signal
+import sys
+import threading
 import time
 from typing import Any, Mapping, Optional
 
@@ -30,8 +38,11 @@ from jaxline import experiment as jl_experiment
 from jaxline import train as jl_train
 from jaxline import utils as jl_utils
 
+from data import validate
 from graphcast import checkpoint as gc_checkpoint
 from graphcast import config as gc_config
+from graphcast import exit_status
+from graphcast import memory
 from graphcast import normalization
 from graphcast import rollout
 from training import checkpointer as ckpt_lib
@@ -40,10 +51,11 @@ from training import data_input
 from training import evaluation
 from training import optim
 from training import preflight
+from training import run_lock
 from training import writer as writer_lib
 
 _AXIS = "devices"
-EXIT_CHECKPOINT_TIMEOUT = 3  # process exit status when a checkpoint save is stuck
+EXIT_CHECKPOINT_TIMEOUT = exit_status.SAVE_TIMEOUT  # process exit status when a save is stuck
 _LICENSE = ("Parameters trained with graphcast-trainer; the GraphCast architecture is DeepMind's "
             "(Lam et al. 2023). Check the license of the training data before redistribution.")
 
@@ -78,6 +90,14 @@ def _device0(tree):
 
 class NonFiniteError(FloatingPointError):
     """Too many consecutive training steps had a NaN/Inf loss or gradient."""
+
+
+class Terminated(Exception):
+    """SIGTERM ended the run (after the checkpoint at the current step was saved)."""
+
+
+# Set by the SIGTERM handler: the training loop stops after the current step.
+_STOP_REQUESTED = threading.Event()
 
 
 class Experiment(jl_experiment.AbstractExperiment):
@@ -159,6 +179,10 @@ class Experiment(jl_experiment.AbstractExperiment):
         self._counters = dict(snapshot_state.get("counters") or self._counters)
 
     # -- training --------------------------------------------------------------------------------
+    def should_run_step(self, global_step: int, config) -> bool:
+        """jaxline's loop condition, also false once SIGTERM has asked the run to stop."""
+        return not _STOP_REQUESTED.is_set() and super().should_run_step(global_step, config)
+
     def _initialize_train(self) -> None:
         data = self.config.data
         self._train_input = self.source.train_iterator(
@@ -417,21 +441,70 @@ def default_logdir(config) -> str:
     return os.path.join(config.checkpoint_dir, "tb")
 
 
+def export_description(config, step: int) -> str:
+    """The exported file's description (credentials redacted from every value it quotes)."""
+    return preflight.redact(
+        f"GraphCast trained with graphcast-trainer: {config.checkpoint_dir} step {step}, data "
+        f"{config.experiment_kwargs.config.data.source}.")
+
+
+def check_param_shapes(params, model_config: gc_config.ModelConfig,
+                       task_config: gc_config.TaskConfig, source: str) -> None:
+    """The parameters have exactly the paths and shapes the config's model initializes."""
+    n_lat = int(round(180.0 / model_config.resolution))
+    lat = np.linspace(-90.0, 90.0, n_lat + 1)
+    lon = np.arange(int(round(360.0 / model_config.resolution))) * model_config.resolution
+    predictor = rollout.Predictor(model_config, task_config, memory.unit_stats(task_config),
+                                  lat, lon)
+    expected = jax.eval_shape(predictor.init, jax.random.PRNGKey(0),
+                              memory.batch_shapes(task_config, 1, 1, lat.size, lon.size))
+    shapes = lambda tree: {f"{m}/{n}": tuple(np.shape(v)) for m, p in tree.items()
+                           for n, v in p.items()}
+    want, have = shapes(expected), shapes(params)
+    diffs = [f"{k}: checkpoint {have.get(k)}, config {want.get(k)}"
+             for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)]
+    if diffs:
+        found, wanted = _size_fields(params), _size_fields(expected)
+        fields = [f"model.{k}: parameters have {found[k]}, config has {wanted[k]}"
+                  for k in wanted if found.get(k) != wanted[k]] or ["task or grid"]
+        raise ckpt_lib.ConfigMismatchError(
+            f"The parameters of {source} do not have the shapes of the configured model "
+            f"({'; '.join(fields)}): {len(diffs)} arrays differ, e.g. {'; '.join(diffs[:3])}.")
+
+
+def _size_fields(params) -> dict:
+    """latent_size, gnn_msg_steps and hidden_layers as the parameter tree shows them (haiku
+    module names of the GraphCast networks)."""
+    latent = [np.shape(p["offset"])[0] for m, p in params.items()
+              if m.endswith("encoder_edges_grid2mesh_layer_norm")]
+    rounds = {m.split("processor_edges_", 1)[1].split("_", 1)[0] for m in params
+              if m.startswith("mesh_gnn/") and "processor_edges_" in m}
+    layers = [m for m in params if "encoder_edges_grid2mesh_mlp/" in m]
+    return {"latent_size": latent[0] if latent else None, "gnn_msg_steps": len(rounds),
+            "hidden_layers": len(layers) - 1}
+
+
 def export(config, path: str, step: Optional[int]) -> str:
-    """Writes checkpoint `step` (default newest) as an official GraphCast .npz; returns a summary."""
+    """Writes checkpoint `step` (default newest) as an official GraphCast .npz; returns a summary.
+
+    Refuses (named errors, before writing) an unwritable export path, non-finite parameters, and
+    parameters whose recorded config or shapes do not match the config's model and task."""
     if not path:
-        raise ValueError("--jaxline_mode=export needs --export_path=MODEL.npz.")
+        raise preflight.ConfigError("--jaxline_mode=export needs --export_path=MODEL.npz.")
+    check_before_start(config, "export", export_path=path)
     exp = config.experiment_kwargs.config
     checkpointer = ckpt_lib.Checkpointer(config, "export")
     arrays, meta = checkpointer.read("latest", step)
-    params = arrays["experiment/params"]
+    where = f"checkpoint {checkpointer.directory('latest')}/{meta['step']}"
+    ckpt_lib.check_same_model(meta.get("config", "{}"), ckpt_lib.config_json(config), where)
     ckpt = gc_checkpoint.CheckPoint(
-        params=params, model_config=model_config_from(exp), task_config=task_config_from(exp),
-        description=f"GraphCast trained with graphcast-trainer: {config.checkpoint_dir} step "
-                    f"{meta['step']}, data {exp.data.source}.",
+        params=arrays["experiment/params"], model_config=model_config_from(exp),
+        task_config=task_config_from(exp), description=export_description(config, meta["step"]),
         license=_LICENSE)
+    gc_checkpoint.check_finite(ckpt, source=where)
+    check_param_shapes(ckpt.params, ckpt.model_config, ckpt.task_config, where)
     gc_checkpoint.save(path, ckpt)
-    return f"Exported step {meta['step']} ({len(jax.tree.leaves(params))} arrays) to {path}."
+    return f"Exported step {meta['step']} ({len(jax.tree.leaves(ckpt.params))} arrays) to {path}."
 
 
 def _eval_action(checkpointer, config, writer) -> jl_utils.PeriodicAction:
@@ -440,6 +513,9 @@ def _eval_action(checkpointer, config, writer) -> jl_utils.PeriodicAction:
     state = checkpointer.get_experiment_state("latest")
 
     def evaluate_now(step, _):
+        # Save first: an evaluation that fails must not lose the steps since the last save
+        # (at the end, jaxline's own final save would come only after this evaluation).
+        checkpointer.save("latest")
         scalars = state.experiment_module.evaluate(global_step=np.array([step]), rng=None,
                                                    writer=writer)
         writer.write_scalars(step, scalars)
@@ -449,24 +525,100 @@ def _eval_action(checkpointer, config, writer) -> jl_utils.PeriodicAction:
         run_async=False, end_step_to_action=config.training_steps if exp_cfg.at_end else None)
 
 
-def check_before_start(config, mode: str = "train") -> None:
-    """training.preflight's checks of config and inputs: named errors before any compile or write."""
-    preflight.check_config(config)
+def check_before_start(config, mode: str = "train", export_path: str = "") -> None:
+    """training.preflight's checks for `mode`, named errors before any compile or write: the
+    config (every mode); data, statistics, climatology and fine-tuning checkpoint (train, eval);
+    output locations: the checkpoint directory (train) or the export path (export)."""
+    preflight.check_config(config, "train" if mode == "train_eval_multithreaded" else mode)
     exp = config.experiment_kwargs.config
     model_config, task_config = model_config_from(exp), task_config_from(exp)
-    optim_config = optim.OptimConfig.from_mapping(dict(exp.optimizer))
-    ar_steps = max(optim.distinct_ar_steps(optim_config, exp.training.run_steps))
-    source = data_input.Source(exp.data, task_config, model_config.resolution)
-    eval_cfg = exp.eval
-    with_eval = mode != "train" or bool(eval_cfg.at_end or eval_cfg.interval_steps)
-    preflight.check_inputs(config, model_config, task_config, ar_steps, source, with_eval)
+    if mode != "export":
+        data_input.ensure_sample_data(exp.data)
+        optim_config = optim.OptimConfig.from_mapping(dict(exp.optimizer))
+        trains = mode in ("train", "train_eval_multithreaded")
+        ar_steps = max(optim.distinct_ar_steps(optim_config, exp.training.run_steps)) \
+            if trains else 0
+        source = data_input.Source(exp.data, task_config, model_config.resolution)
+        eval_cfg = exp.eval
+        with_eval = mode != "train" or bool(eval_cfg.at_end or eval_cfg.interval_steps)
+        preflight.check_inputs(config, model_config, task_config, ar_steps, source, with_eval)
+    if mode in ("train", "train_eval_multithreaded") and jax.process_index() == 0:
+        preflight.check_writable(config.checkpoint_dir, "config.checkpoint_dir",
+                                 storage_options=dict(exp.data.storage_options or {}) or None)
+    if mode == "export":
+        preflight.check_writable(os.path.dirname(os.path.abspath(export_path)) if "://" not in
+                                 export_path else export_path.rsplit("/", 1)[0],
+                                 f"the directory of --export_path={export_path}", create=False)
+
+
+def _finish_saves(checkpointer) -> None:
+    """Waits for the pending saves; while another error propagates, a failure here is logged
+    instead of hiding it."""
+    if sys.exc_info()[0] is None:
+        checkpointer.close()
+        return
+    try:
+        checkpointer.close()
+    except Exception:  # noqa: BLE001 -- the error that ended the run is the one to show
+        logging.exception("While stopping after an error, a pending checkpoint save failed too:")
+
+
+def _on_sigterm(grace_s: float):
+    """SIGTERM handler: stop after the current step (the checkpoint at that step is saved at the
+    end of training); past `grace_s` s the process exits regardless, keeping the previous one."""
+    def handler(signum, frame):
+        del signum, frame
+        if _STOP_REQUESTED.is_set():
+            return
+        _STOP_REQUESTED.set()
+        logging.warning("SIGTERM: saving a checkpoint at the current step, then exiting "
+                        "(at most training.sigterm_grace_s=%g s).", grace_s)
+
+        def give_up():
+            logging.error("SIGTERM: the checkpoint was not saved within %g s; exiting without it "
+                          "(the previous checkpoint stays the newest).", grace_s)
+            logging.flush()
+            os._exit(exit_status.TERMINATED)
+
+        timer = threading.Timer(grace_s, give_up)
+        timer.daemon = True
+        timer.start()
+    return handler
+
+
+def _train(config, make_writer) -> None:
+    """jaxline training under the directory's run lock; pending saves finish however it ends."""
+    exp = config.experiment_kwargs.config
+    checkpointer = ckpt_lib.Checkpointer(config, "train")
+    lock = None
+    if jax.process_index() == 0:
+        lock = run_lock.RunLock(config.checkpoint_dir, stale_after_s=exp.training.lock_stale_s,
+                                storage_options=dict(exp.data.storage_options or {}) or None)
+        lock.acquire()
+        checkpointer.run_lock = lock
+    _STOP_REQUESTED.clear()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm(exp.training.sigterm_grace_s)) \
+        if threading.current_thread() is threading.main_thread() else None
+    try:
+        actions = (_eval_action(checkpointer, config, make_writer("eval")),)
+        jl_train.train(Experiment, config, checkpointer, make_writer("train"),
+                       periodic_actions=actions)
+    finally:
+        _finish_saves(checkpointer)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        if lock is not None:
+            lock.release()
+    if _STOP_REQUESTED.is_set():
+        step = checkpointer.get_experiment_state("latest").global_step  # jaxline's final save
+        raise Terminated(f"Stopped by SIGTERM; saved checkpoint step {step} in "
+                         f"{checkpointer.directory('latest')}. Rerun the same command to resume.")
 
 
 def run(config, mode: str) -> None:
     """Runs one jaxline mode with the persistent checkpointer and the TensorBoard writer."""
     jl_base_config.validate_config(config)
     exp = config.experiment_kwargs.config
-    data_input.ensure_sample_data(exp.data)
     check_before_start(config, mode)
     with config.unlocked():
         exp.training.logdir = default_logdir(config)
@@ -478,21 +630,17 @@ def run(config, mode: str) -> None:
                                  console=chief)
 
     if mode == "train":
-        checkpointer = ckpt_lib.Checkpointer(config, mode)
-        train_writer = make_writer("train")
-        actions = (_eval_action(checkpointer, config, make_writer("eval")),)
-        jl_train.train(Experiment, config, checkpointer, train_writer, periodic_actions=actions)
+        _train(config, make_writer)
     elif mode == "eval":
         checkpointer = ckpt_lib.Checkpointer(config, mode)
         try:
             jl_train.evaluate(Experiment, config, checkpointer, make_writer("eval"),
                               jaxline_mode="eval")
         finally:
-            checkpointer.close()  # finishes the async "best" save before the process exits
+            _finish_saves(checkpointer)  # finishes the async "best" save before the process exits
     elif mode == "train_eval_multithreaded":
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            training = pool.submit(jl_train.train, Experiment, config,
-                                   ckpt_lib.Checkpointer(config, "train"), make_writer("train"))
+            training = pool.submit(_train, config, make_writer)
             jl_train.evaluate(Experiment, config, ckpt_lib.Checkpointer(config, "eval"),
                               make_writer("eval"), jaxline_mode="eval")
             training.result()
@@ -508,8 +656,54 @@ class _OwnInfoOnly(std_logging.Filter):
         return record.levelno >= std_logging.WARNING or "site-packages" not in record.pathname
 
 
+class _Redacting(std_logging.Filter):
+    """Removes credentials (URL user:password@, token/key/signature query values) from every
+    log line, whoever logs it (jaxline logs the whole config)."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = preflight.redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
+# User errors: one line and a distinct exit status (first match wins); anything else is a bug.
+USER_ERRORS = (
+    (preflight.ConfigError, exit_status.CONFIG),
+    (gc_config.TaskConfigError, exit_status.CONFIG),
+    (preflight.LocationError, exit_status.LOCATION),
+    (normalization.StatsError, exit_status.STATS),
+    (validate.DataValidationError, exit_status.DATA),
+    (gc_checkpoint.CheckpointError, exit_status.CHECKPOINT),
+    (ckpt_lib.CheckpointRestoreError, exit_status.CHECKPOINT),
+    (ckpt_lib.NonFiniteCheckpointError, exit_status.CHECKPOINT),
+    (run_lock.RunLockedError, exit_status.LOCKED),
+    (NonFiniteError, exit_status.DIVERGED),
+    (Terminated, exit_status.TERMINATED),
+    (KeyboardInterrupt, exit_status.INTERRUPTED),
+)
+
+
+def parse_flags(argv):
+    """absl flag parsing; a bad flag or an unknown --config.<field> is a one-line user error."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        exit_status.report(preflight.ConfigError(str(e)), exit_status.CONFIG, preflight.redact)
+    except (AttributeError, KeyError) as e:  # ml_collections: an override of an unknown field
+        key = str(e).strip("\"'")
+        named = [a.split("=", 1)[0] for a in argv if a.startswith("--config.") and
+                 f".{key}" in a.split("=", 1)[0]]
+        exit_status.report(preflight.ConfigError(
+            f"Unknown config field {named[0] if named else key!r} on the command line; the "
+            "fields and their defaults are in configs/base.py."), exit_status.CONFIG,
+            preflight.redact)
+
+
 def main(argv) -> None:
     del argv
+    logging.get_absl_handler().addFilter(_Redacting())
     if flags.FLAGS["verbosity"].value < 1:
         logging.get_absl_handler().addFilter(_OwnInfoOnly())
     config = _CONFIG.value
@@ -517,10 +711,13 @@ def main(argv) -> None:
     initialize_distributed()
     compat.apply()
     if _MODE.value == "export":
-        print(export(config, _EXPORT_PATH.value, _EXPORT_STEP.value), flush=True)
+        message = exit_status.run_reporting(
+            lambda: export(config, _EXPORT_PATH.value, _EXPORT_STEP.value), USER_ERRORS,
+            preflight.redact)
+        print(message, flush=True)
         return
     try:
-        run(config, _MODE.value)
+        exit_status.run_reporting(lambda: run(config, _MODE.value), USER_ERRORS, preflight.redact)
     except ckpt_lib.CheckpointTimeoutError:
         # The stuck save's writer threads are not daemons: a normal exit would wait for them
         # forever. The error is reported, then the process ends here.
@@ -530,4 +727,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -79,6 +79,8 @@ def get_base_config(task: gc_config.TaskConfig) -> config_dict.ConfigDict:
         init_checkpoint="",          # official GraphCast .npz to fine-tune from (model/task checked)
         max_consecutive_nonfinite=10,  # stop after this many skipped (NaN/Inf) updates in a row
         checkpoint_save_timeout_s=1800,  # a background checkpoint save must finish in this time
+        sigterm_grace_s=120,         # SIGTERM: save at the current step within this time, then exit
+        lock_stale_s=300,            # a run lock without a heartbeat for this long is taken over
         example_log="",              # if set: append each step's example init times (audit)
         logdir="",                   # TensorBoard dir ('' = <checkpoint_dir>/tb)
     ))

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from data import validate
 from graphcast import config
 from graphcast import data_utils
 
@@ -108,6 +109,7 @@ class FrameReader:
         self.statics = {n: np.asarray(dataset[n].transpose("lat", "lon").values, np.float32)
                         for n in names if n not in derived and n not in self.dynamic}
         self._data = dataset[self.dynamic]
+        self._source = dataset.attrs.get("normalized_from", "<dataset>")
         self._scheduler = dask_scheduler
         self._cache = collections.OrderedDict()   # time index -> {var: array}
         self._cache_bytes = cache_bytes
@@ -124,13 +126,34 @@ class FrameReader:
         missing = [i for i in indices if i not in found]
         if missing:
             block = self._data.isel(time=missing)
-            with dask.config.set(scheduler=self._scheduler):
-                block = block.compute()
+            try:
+                with dask.config.set(scheduler=self._scheduler):
+                    block = block.compute()
+            except (validate.DataValidationError, ConnectionError, TimeoutError):
+                raise
+            except Exception as e:  # noqa: BLE001 -- a chunk that does not decode: name it
+                raise self._unreadable(missing, e) from e
             arrays = {n: np.asarray(block[n].values, np.float32) for n in self.dynamic}
             fresh = {i: {n: arrays[n][k] for n in self.dynamic} for k, i in enumerate(missing)}
             self._store(fresh)
             found.update(fresh)
         return [found[i] for i in indices]
+
+    def _unreadable(self, indices: list, error: Exception) -> validate.CorruptDataError:
+        """Names the variable, time and source of a chunk that cannot be read or decoded, found
+        by re-reading the failed frames one variable and time at a time."""
+        for name in self.dynamic:
+            for i in indices:
+                try:
+                    with dask.config.set(scheduler="synchronous"):
+                        self._data[name].isel(time=i).compute()
+                except Exception as e:  # noqa: BLE001 -- this is the one
+                    return validate.CorruptDataError(
+                        f"Cannot read variable {name!r} at time {self.times[i]} from "
+                        f"{self._source} (corrupt or truncated chunk?): {type(e).__name__}: {e}")
+        return validate.CorruptDataError(
+            f"Cannot read times {[str(self.times[i]) for i in indices]} from {self._source}: "
+            f"{type(error).__name__}: {error}")
 
     def _store(self, fresh: dict) -> None:
         with self._lock:

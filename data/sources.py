@@ -79,7 +79,11 @@ def open_raw(url: str, *, storage_options: Optional[dict] = None,
             fs = gcs.filesystem(url, storage_options)
             handle = gcs.with_retries(lambda: fs.open(url.split("://", 1)[1], "rb"), url=url)
             return xr.open_dataset(handle, engine="h5netcdf", chunks=chunks)
-        return xr.open_dataset(url, chunks=chunks)
+        try:
+            return xr.open_dataset(url, chunks=chunks)
+        except Exception as e:  # noqa: BLE001 -- empty, truncated or not netCDF: name the file
+            raise validate.CorruptDataError(f"{url} is not a readable netCDF file (empty, "
+                                            f"truncated or another format?): {e}") from e
     opts = gcs.gcs_storage_options(storage_options) if gcs.is_gcs(url) else storage_options
     with warnings.catch_warnings():
         # Non-consolidated stores are fine; xarray warns before falling back to listing.

@@ -56,7 +56,11 @@ class DimensionError(DataValidationError):
 
 
 class NaNDataError(DataValidationError):
-    """A NaN was found in a chunk while reading."""
+    """A NaN or Inf was found in a chunk while reading."""
+
+
+class CorruptDataError(DataValidationError):
+    """A chunk or file could not be read or decoded."""
 
 
 class SourceError(DataValidationError):
@@ -221,20 +225,22 @@ def check_dims(ds: xr.Dataset, variables: Iterable[str], source: Optional[str] =
 
 def _nan_check_block(block: np.ndarray, *, variable: str, times: Optional[np.ndarray],
                      time_axis: Optional[int], block_info=None) -> np.ndarray:
-    if np.isnan(block).any():
+    bad = ~np.isfinite(block)
+    if bad.any():
         where = ""
         if time_axis is not None and block_info is not None:
             start, stop = block_info[0]["array-location"][time_axis]
-            nan_t = np.isnan(block).any(axis=tuple(a for a in range(block.ndim) if a != time_axis))
-            bad = times[start:stop][nan_t]
-            where = f" at time(s) {_show(pd.DatetimeIndex(bad))}"
-        raise NaNDataError(f"NaN found in variable {variable!r}{where}.")
+            bad_t = bad.any(axis=tuple(a for a in range(block.ndim) if a != time_axis))
+            where = f" at time(s) {_show(pd.DatetimeIndex(times[start:stop][bad_t]))}"
+        kinds = " and ".join(k for k, found in (("NaN", np.isnan(block).any()),
+                                                ("Inf", np.isinf(block).any())) if found)
+        raise NaNDataError(f"{kinds} found in variable {variable!r}{where}.")
     return block
 
 
 def nan_checked(ds: xr.Dataset) -> xr.Dataset:
     """Lazily wraps every floating dask-backed variable so that computing a chunk holding a NaN
-    raises NaNDataError naming the variable and the times."""
+    or Inf raises NaNDataError naming the variable and the times."""
     out = ds.copy()
     times = ds["time"].values if "time" in ds.coords else None
     for name, var in ds.data_vars.items():

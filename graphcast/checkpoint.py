@@ -96,7 +96,9 @@ def _read_flat(path_or_file) -> dict:
                         f"Checkpoint {name}: entry {key!r} holds Python objects; refusing to unpickle "
                         "it (a GraphCast checkpoint only holds numeric and string arrays).") from e
             return flat
-    except (zipfile.BadZipFile, EOFError, OSError) as e:
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
         raise CheckpointError(f"Checkpoint {name} is not a readable .npz file "
                               f"(truncated or corrupt?): {e}") from e
 
@@ -183,3 +185,14 @@ def check_grid(ckpt: CheckPoint, grid_lat: np.ndarray, source: str = "dataset") 
         if not np.isclose(spacing, resolution, atol=1e-3):
             raise CheckpointError(f"The checkpoint was trained at {resolution} degrees but the "
                                   f"{source} grid has {spacing} degree spacing.")
+
+
+def check_finite(ckpt: CheckPoint, source: str = "checkpoint") -> None:
+    """Raises a `CheckpointError` naming every parameter holding a NaN or Inf."""
+    bad = [f"{module}/{name}" for module, params in ckpt.params.items()
+           for name, value in params.items()
+           if np.issubdtype(np.asarray(value).dtype, np.floating)
+           and not np.isfinite(value).all()]
+    if bad:
+        raise CheckpointError(f"{source} holds non-finite (NaN/Inf) parameters in {bad}; it "
+                              "cannot be used. Take an earlier checkpoint.")

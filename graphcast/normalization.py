@@ -66,7 +66,26 @@ def stats_from_datasets(datasets: Mapping[str, xr.Dataset], task_config: config_
                 da = da.sel(level=levels)
             values[v] = np.asarray(da.values, dtype=np.float32)
         selected[kind] = values
-    return Stats(**selected)
+    stats = Stats(**selected)
+    check_values(stats, task_config, source)
+    return stats
+
+
+def check_values(stats: Stats, task_config: config_lib.TaskConfig,
+                 source: str = "statistics") -> None:
+    """Every statistic is finite and every spread positive (training divides by them)."""
+    for kind in STATS_FILES:
+        for v, values in getattr(stats, kind).items():
+            values = np.atleast_1d(values)
+            bad = ~np.isfinite(values) | ((values <= 0) if kind != "mean" else False)
+            if bad.any():
+                where = [int(task_config.pressure_levels[i]) for i in np.flatnonzero(bad)] \
+                    if values.size > 1 else None
+                raise StatsError(
+                    f"{source}/{STATS_FILES[kind]}: {v!r} has {values[bad].tolist()}"
+                    f"{f' at levels {where}' if where else ''}; a {kind} must be finite"
+                    f"{' and positive' if kind != 'mean' else ''}. Recompute the statistics "
+                    "(python -m data.stats) from finite data.")
 
 
 def load_stats(stats_dir: str, task_config: config_lib.TaskConfig) -> Stats:

@@ -11,10 +11,13 @@ temporary directory and renames it when complete, so a half-written step is neve
 restored; saves run in the background; only the newest `max_to_keep` steps are kept.
 
 Faults: a save whose arrays hold a NaN/Inf is refused (NonFiniteCheckpointError, naming the
-arrays) so no non-finite value reaches storage. Training restores the newest readable step (an
-unreadable one is logged and skipped); the eval job instead waits up to `eval.restore_wait_s` for
-an unreadable newest step to become readable (another job may still be writing it). Fields that
-look like credentials are redacted from the config saved with each checkpoint.
+arrays) so no non-finite value reaches storage. Training restores the newest readable step; an
+unreadable newer one is moved aside to `unreadable-<step>-<time>` (logged), so the retrained step
+is saved again and "latest" is always readable. A checkpoint whose recorded model or task differs
+from the config is refused, naming the fields. The eval job instead waits up to
+`eval.restore_wait_s` for an unreadable newest step to become readable (another job may still be
+writing it) and, as long, for a first checkpoint to appear. Credentials are redacted from the
+config saved with each checkpoint.
 
 A save that hangs (storage that accepts connections but never answers) must not hang the run:
 each save is given `training.checkpoint_save_timeout_s` in all. Its blocking phase (orbax lists
@@ -38,8 +41,10 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from data import gcs
+from graphcast import checkpoint as gc_checkpoint
 from training import compat
 from training import preflight
+from training import run_lock as run_lock_lib
 
 _ARRAY_TYPES = (np.ndarray, np.generic, jax.Array)
 
@@ -97,6 +102,14 @@ class CheckpointRestoreError(RuntimeError):
     """No step of a checkpoint series could be read."""
 
 
+class NoCheckpointError(CheckpointRestoreError):
+    """The eval job found no checkpoint within eval.restore_wait_s."""
+
+
+class ConfigMismatchError(gc_checkpoint.CheckpointError):
+    """A checkpoint was written with another model or task than the config describes."""
+
+
 class CheckpointTimeoutError(TimeoutError):
     """A background checkpoint save did not finish within its time limit.
 
@@ -114,13 +127,33 @@ def check_finite(arrays: Any, what: str) -> None:
 
 
 def _redacted(tree: Any) -> Any:
-    """JSON config tree with credential-looking string fields replaced by '<redacted>'."""
+    """JSON config tree with credential-looking string fields replaced by '<redacted>', and
+    credentials inside other strings (URLs) redacted."""
     if isinstance(tree, dict):
-        return {k: "<redacted>" if isinstance(v, str) and preflight.is_credential(k, v)
+        return {k: preflight.REDACTED if isinstance(v, str) and preflight.is_credential(k, v)
                 else _redacted(v) for k, v in tree.items()}
     if isinstance(tree, list):
         return [_redacted(v) for v in tree]
-    return tree
+    return preflight.redact(tree) if isinstance(tree, str) else tree
+
+
+def check_same_model(saved_config_json: str, config_json_now: str, what: str) -> None:
+    """Raises ConfigMismatchError naming every model/task field where the config recorded with
+    a checkpoint differs from the current one."""
+    def sections(text):
+        exp = json.loads(text or "{}").get("experiment_kwargs", {}).get("config", {})
+        return {s: exp.get(s) or {} for s in ("model", "task")}
+
+    saved, now = sections(saved_config_json), sections(config_json_now)
+    diffs = [f"{section}.{key}: checkpoint has {saved[section].get(key)!r}, config has "
+             f"{now[section].get(key)!r}"
+             for section in ("model", "task") if saved[section]
+             for key in sorted(set(saved[section]) | set(now[section]))
+             if saved[section].get(key) != now[section].get(key)]
+    if diffs:
+        raise ConfigMismatchError(
+            f"{what} was written with another model/task than the config: " + "; ".join(diffs)
+            + ". Use the config it was trained with, or another checkpoint_dir.")
 
 
 def config_json(config) -> str:
@@ -154,6 +187,8 @@ class Checkpointer:
         self._async = enable_async
         self._states: dict = {}
         self._managers: dict = {}
+        self._seen_a_checkpoint = False
+        self.run_lock = None  # training: the directory's RunLock (saves stop if it is lost)
 
     # -- helpers ---------------------------------------------------------------------------
     def directory(self, ckpt_series: str) -> str:
@@ -220,6 +255,9 @@ class Checkpointer:
                 plain[key] = value
         step = int(state.global_step)
         self._wait_for_pending_save(ckpt_series)
+        if self.run_lock is not None and self.run_lock.lost:
+            raise run_lock_lib.RunLockedError(
+                f"Not saving step {step}: another run took over the lock {self.run_lock.path}.")
         manager = self.manager(ckpt_series)
         if step in manager.all_steps():
             logging.info("Checkpoint %s step %d already exists; not rewriting it.", ckpt_series, step)
@@ -241,17 +279,34 @@ class Checkpointer:
         return self.latest_step(ckpt_series) is not None
 
     def _read_newest_readable(self, ckpt_series: str) -> tuple:
-        """(arrays, meta) of the newest step that reads back; older steps are tried in turn."""
+        """(arrays, meta) of the newest step that reads back; an unreadable newer step is moved
+        aside (so that it is neither "latest" nor in the way of the retrained step)."""
         failures = []
         for step in reversed(self.all_steps(ckpt_series)):
             try:
                 return self.read(ckpt_series, step)
             except Exception as e:  # noqa: BLE001 -- any unreadable step: try the previous one
-                logging.error("Checkpoint %s/%d is unreadable (%s); trying the previous step.",
-                              self.directory(ckpt_series), step, e)
                 failures.append(f"step {step}: {e}")
+                self._move_aside(ckpt_series, step, e)
         raise CheckpointRestoreError(f"No readable checkpoint in {self.directory(ckpt_series)}: "
                                      f"{failures or 'no complete step'}.")
+
+    def _move_aside(self, ckpt_series: str, step: int, error: Exception) -> None:
+        """Renames an unreadable step to `unreadable-<step>-<unix time>` (process 0 renames;
+        every process waits for it)."""
+        source = f"{self.directory(ckpt_series)}/{step}"
+        target = f"{self.directory(ckpt_series)}/unreadable-{step}-{int(time.time())}"
+        if jax.process_index() == 0:
+            if gcs.is_gcs(source):
+                fs = gcs.filesystem(source)
+                fs.mv(source.split("://", 1)[1], target.split("://", 1)[1], recursive=True)
+            else:
+                os.rename(source, target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+            multihost_utils.sync_global_devices(f"moved aside {source}")
+        logging.error("Checkpoint %s is unreadable (%s); moved it aside to %s and trying the "
+                      "previous step.", source, error, target)
 
     def _read_waiting(self, ckpt_series: str) -> tuple:
         """(arrays, meta) of the newest step, waiting while it is unreadable (being written)."""
@@ -273,6 +328,8 @@ class Checkpointer:
             arrays, meta = self._read_waiting(ckpt_series)
         else:
             arrays, meta = self._read_newest_readable(ckpt_series)
+        check_same_model(meta.get("config", "{}"), self._config_json,
+                         f"Checkpoint {self.directory(ckpt_series)}/{meta['step']}")
         plain = meta["plain"]
         state = self.get_experiment_state(ckpt_series)
         snapshot = {k.split("/", 1)[1]: v for k, v in {**arrays, **plain}.items()
@@ -292,7 +349,27 @@ class Checkpointer:
 
     def restore_path(self, ckpt_series: str) -> Optional[str]:
         step = self.latest_step(ckpt_series)
+        if step is None and self._mode == "eval" and not self._seen_a_checkpoint:
+            step = self._wait_for_first_checkpoint(ckpt_series)
+        self._seen_a_checkpoint = self._seen_a_checkpoint or step is not None
         return None if step is None else f"{self.directory(ckpt_series)}/{step}"
+
+    def _wait_for_first_checkpoint(self, ckpt_series: str) -> int:
+        """Eval job: the first step to appear, polled for up to eval.restore_wait_s."""
+        directory = self.directory(ckpt_series)
+        logging.warning("No checkpoint in %s yet; waiting up to eval.restore_wait_s=%g s for "
+                        "the training job to write one.", directory, self._restore_wait_s)
+        deadline = time.monotonic() + self._restore_wait_s
+        while True:
+            step = self.latest_step(ckpt_series)
+            if step is not None:
+                return step
+            if time.monotonic() >= deadline:
+                raise NoCheckpointError(
+                    f"No checkpoint appeared in {directory} within eval.restore_wait_s="
+                    f"{self._restore_wait_s:g} s. Check config.checkpoint_dir (is the training "
+                    "job writing there?) or raise eval.restore_wait_s.")
+            time.sleep(min(2.0, max(deadline - time.monotonic(), 0.0)))
 
     def _wait_for_pending_save(self, ckpt_series: str) -> None:
         """Waits for the series' pending save (raising the error of a failed one), and raises

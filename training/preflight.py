@@ -1,22 +1,33 @@
-"""Up-front checks of a run's config and inputs, before anything compiles or is written.
+"""Up-front checks of a run's config, inputs and output locations, before anything compiles or
+is written. Every mode (train, eval, export) runs the checks that apply to it:
 
-`check(config)` fails fast with a named error for everything that would otherwise surface late
-(after a compile, mid-run, or inside the eval job): unknown config fields, credentials placed in
-the config, a batch that does not split over the devices, data that does not match the task and
-grid (data.validate's named errors), statistics without a task variable or level, a fine-tuning
-checkpoint that is unreadable or does not match, rollouts longer than the split holds, and a NaN
-in the first example. Reading the source costs metadata plus one example.
+* `check_config`: no I/O. Unknown fields, credentials placed in the config, destructive or
+  impossible values (non-positive sizes and steps, zero workers, `max_checkpoints_to_keep < 1`,
+  a mesh too large for any accelerator), batches that do not split over the devices.
+* `check_inputs`: statistics (present, finite, positive spreads), the fine-tuning checkpoint
+  (readable, finite, matching), the climatology, rollouts longer than a split holds, and the
+  first example (NaN/Inf). Reading the source costs metadata plus one example.
+* `check_writable`: an output location (checkpoint directory, export path) is reachable and
+  writable, tested by writing a probe within a bounded time.
+
+`redact` removes anything that looks like a credential from a text; `experiment.py` applies it
+to every log line and error it prints, and the checkpointer to the config it saves.
 """
 
 import dataclasses
+import os
 import re
-from typing import Any, Iterator, Tuple
+import socket
+import threading
+from typing import Any, Callable, Iterator, Optional, Tuple
 
 import jax
 import numpy as np
 
 from configs import base
 from data import examples
+from data import gcs
+from data import validate
 from graphcast import checkpoint as gc_checkpoint
 from graphcast import config as gc_config
 from graphcast import normalization
@@ -35,11 +46,30 @@ class RolloutTooLongError(ConfigError):
     """A split holds no example long enough for the configured rollout."""
 
 
+class LocationError(OSError):
+    """An output location that is not writable, or does not answer within the time limit."""
+
+
+class ClimatologyError(validate.DataValidationError):
+    """eval.climatology cannot be opened or lacks a target variable."""
+
+
 # Field names that hold credentials; they must come from the environment / ADC instead.
 _SECRET_KEY = re.compile(r"token|secret|passw|private_key|credential|api_key|access_key|auth",
                          re.IGNORECASE)
 _ALLOWED_TOKENS = {"", "anon", "google_default", "cloud"}  # gcsfs modes that carry no secret
-_URL_USERINFO = re.compile(r"^[a-z][a-z0-9+.-]*://[^/@\s]+@", re.IGNORECASE)
+_URL_USERINFO = re.compile(r"([a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
+# Query parameters that carry secrets: tokens, keys, signed-URL signatures and credentials.
+_SECRET_QUERY = re.compile(
+    r"([?&;][^=&;#\s]*(?:token|key|sig|signature|secret|passw|credential|auth)[^=&;#\s]*=)"
+    r"[^&;#\s'\"]*", re.IGNORECASE)
+REDACTED = "<redacted>"
+
+
+def redact(text: str) -> str:
+    """`text` with URL user:password@ parts and secret-carrying query values replaced."""
+    text = _URL_USERINFO.sub(lambda m: f"{m.group(1)}{REDACTED}@", text)
+    return _SECRET_QUERY.sub(lambda m: f"{m.group(1)}{REDACTED}", text)
 
 
 def _walk(tree: Any, prefix: str) -> Iterator[Tuple[str, Any]]:
@@ -54,7 +84,7 @@ def _walk(tree: Any, prefix: str) -> Iterator[Tuple[str, Any]]:
 def is_credential(key: str, value: str) -> bool:
     """Whether a string config field named `key` holds a credential."""
     return bool(_SECRET_KEY.search(key)) and value.strip() not in _ALLOWED_TOKENS or \
-        bool(_URL_USERINFO.search(value))
+        redact(value) != value
 
 
 def check_known_fields(config) -> None:
@@ -86,27 +116,108 @@ def check_no_credentials(config) -> None:
             continue
         if is_credential(path.rsplit(".", 1)[-1], value):
             raise ConfigError(
-                f"Config field {path} looks like a credential (a secret-like name, or a URL with "
-                "user:password@). Configs are logged and saved with checkpoints, so credentials "
-                "are refused there: use application-default credentials (gcloud auth "
+                f"Config field {path} looks like a credential (a secret-like name, a URL with "
+                "user:password@, or a token/key/signature query parameter). Configs are logged "
+                "and saved with checkpoints, so credentials are refused there: use "
+                "application-default credentials (gcloud auth "
                 "application-default login) or GOOGLE_APPLICATION_CREDENTIALS in the environment.")
 
 
-def check_batch(config) -> None:
-    """The global batch splits evenly over all devices of all processes."""
-    batch, devices = config.experiment_kwargs.config.data.global_batch_size, jax.device_count()
-    if batch <= 0 or batch % devices:
-        raise BatchSizeError(
-            f"data.global_batch_size={batch} does not divide over the {devices} devices "
-            f"({jax.process_count()} process(es) x {jax.local_device_count()} local); use a "
-            f"multiple of {devices}.")
+def check_batch(config, mode: str = "train") -> None:
+    """The training batch (train) and the evaluation batch (train with evaluation, eval) split
+    evenly over all devices of all processes."""
+    exp, devices = config.experiment_kwargs.config, jax.device_count()
+    batches = []
+    if mode == "train":
+        batches.append(("data.global_batch_size", exp.data.global_batch_size))
+    if mode == "eval" or (mode == "train" and (exp.eval.at_end or exp.eval.interval_steps)):
+        field = "eval.batch_size" if exp.eval.batch_size else \
+            "eval.batch_size (0: data.global_batch_size)"
+        batches.append((field, exp.eval.batch_size or exp.data.global_batch_size))
+    for field, batch in batches:
+        if batch <= 0 or batch % devices:
+            raise BatchSizeError(
+                f"{field}={batch} does not divide over the {devices} devices "
+                f"({jax.process_count()} process(es) x {jax.local_device_count()} local); use a "
+                f"multiple of {devices}.")
+
+
+# The largest multi-mesh accepted: one float32 copy of its edges (latents, 4 features and the two
+# int32 indices) must stay under this many bytes; a step keeps several such copies.
+MAX_MESH_EDGE_BYTES = 16 * 2 ** 30
+
+
+def mesh_sizes(mesh_size: int) -> Tuple[int, int]:
+    """(nodes, directed edges) of the multi-mesh of refinement `mesh_size`."""
+    return 10 * 4 ** mesh_size + 2, 20 * (4 ** (mesh_size + 1) - 1)
+
+
+def _require(field: str, value, ok: bool, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"Config field {field}={value!r} is not allowed: expected {expected}.")
+
+
+def check_sizes(config) -> None:
+    """Sizes, counts and steps are in range (named with the expected range)."""
+    exp = config.experiment_kwargs.config
+    top = {"training_steps": (1, "a positive number of steps"),
+           "max_checkpoints_to_keep": (1, "at least 1 (0 would delete every checkpoint)"),
+           "save_checkpoint_interval": (0, ">= 0 (0 = only the final checkpoint)")}
+    for field, (low, expected) in top.items():
+        value = config[field]
+        _require(field, value, isinstance(value, int) and value >= low, expected)
+    positive = {"model": ("latent_size", "gnn_msg_steps", "hidden_layers"),
+                "data": ("global_batch_size", "workers"),
+                "eval": ("rollout_steps", "num_batches", "figure_lead_step", "headline_lead_step")}
+    for section, fields in positive.items():
+        for field in fields:
+            value = exp[section][field]
+            _require(f"experiment_kwargs.config.{section}.{field}", value,
+                     isinstance(value, int) and value >= 1, "a positive integer")
+    non_negative = {"data": ("prefetch",), "eval": ("batch_size", "interval_steps"),
+                    "training": ("block_size", "max_consecutive_nonfinite")}
+    for section, fields in non_negative.items():
+        for field in fields:
+            value = exp[section][field]
+            _require(f"experiment_kwargs.config.{section}.{field}", value,
+                     isinstance(value, int) and value >= 0, "an integer >= 0")
+    for section, field in (("training", "checkpoint_save_timeout_s"),
+                           ("training", "lock_stale_s"), ("training", "sigterm_grace_s"),
+                           ("model", "resolution"),
+                           ("model", "radius_query_fraction_edge_length")):
+        value = exp[section][field]
+        _require(f"experiment_kwargs.config.{section}.{field}", value,
+                 isinstance(value, (int, float)) and value > 0, "a positive number")
+    _require("experiment_kwargs.config.model.resolution", exp.model.resolution,
+             exp.model.resolution <= 90, "a grid spacing in degrees (0 < resolution <= 90)")
+    for field in ("figure_lead_step", "headline_lead_step"):
+        _require(f"experiment_kwargs.config.eval.{field}", exp.eval[field],
+                 exp.eval[field] <= exp.eval.rollout_steps,
+                 f"at most eval.rollout_steps={exp.eval.rollout_steps}")
+    check_mesh(exp.model.mesh_size, exp.model.latent_size)
+
+
+def check_mesh(mesh_size, latent_size: int) -> None:
+    """The multi-mesh is one an accelerator can hold (sizes stated when it is not)."""
+    field = "experiment_kwargs.config.model.mesh_size"
+    _require(field, mesh_size, isinstance(mesh_size, int) and mesh_size >= 0,
+             "an integer >= 0 (GraphCast uses 6)")
+    nodes, edges = mesh_sizes(mesh_size)
+    edge_bytes = edges * (latent_size + 6) * 4
+    if edge_bytes > MAX_MESH_EDGE_BYTES:
+        raise ConfigError(
+            f"Config field {field}={mesh_size} is too large: its multi-mesh has {nodes:,} nodes "
+            f"and {edges:,} edges, and one float32 copy of the edges at latent_size "
+            f"{latent_size} takes {edge_bytes / 2 ** 30:,.0f} GiB (limit "
+            f"{MAX_MESH_EDGE_BYTES / 2 ** 30:.0f} GiB; a step keeps several). GraphCast uses "
+            f"mesh_size 6: {mesh_sizes(6)[0]:,} nodes, {mesh_sizes(6)[1]:,} edges.")
 
 
 def check_rollouts(source, config, ar_steps: int, with_eval: bool) -> None:
     """Train split fits `ar_steps`-step examples; eval split (if evaluated) eval.rollout_steps."""
     data, task = config.experiment_kwargs.config.data, source.task
     times = source.dataset["time"].values
-    wanted = {"train": ((data.train_start, data.train_end), ar_steps)}
+    wanted = {"train": ((data.train_start, data.train_end), ar_steps)} if ar_steps else {}
     if with_eval:
         wanted["eval"] = ((data.eval_start, data.eval_end),
                           config.experiment_kwargs.config.eval.rollout_steps)
@@ -120,28 +231,96 @@ def check_rollouts(source, config, ar_steps: int, with_eval: bool) -> None:
 
 def check_init_checkpoint(path: str, model_config, task_config, lat: np.ndarray,
                           source: str) -> None:
-    """The fine-tuning checkpoint is a readable official .npz that fits the model, task and grid."""
+    """The fine-tuning checkpoint is a readable official .npz of finite parameters that fits the
+    model, task and grid."""
     if not path:
         return
     ckpt = gc_checkpoint.load(path)  # CheckpointError: truncated, corrupt, object arrays
     gc_checkpoint.check_matches(ckpt, model_config, task_config, source=path)
     gc_checkpoint.check_grid(ckpt, lat, source=source)
+    gc_checkpoint.check_finite(ckpt, source=path)
+
+
+def check_climatology(path: str, task_config) -> None:
+    """eval.climatology opens and holds every target variable (read at the first evaluation,
+    which may come only after the whole training run)."""
+    if not path:
+        return
+    from training import evaluation  # pylint: disable=import-outside-toplevel
+    try:
+        evaluation.Climatology(path, task_config)
+    except Exception as e:  # noqa: BLE001 -- whatever the reader raises, name the field and path
+        raise ClimatologyError(f"eval.climatology={path} cannot be used: "
+                               f"{type(e).__name__}: {e}") from e
 
 
 def check_inputs(config, model_config, task_config, ar_steps: int, source,
                  with_eval: bool = True) -> None:
-    """Statistics, fine-tuning checkpoint, rollout lengths and the first example of `source`;
-    with_eval: the run evaluates (its eval split must fit eval.rollout_steps)."""
+    """Statistics, fine-tuning checkpoint, climatology, rollout lengths and the first example of
+    `source`; ar_steps: the longest training rollout (0: the mode does not train); with_eval:
+    the run evaluates (its eval split must fit eval.rollout_steps)."""
     exp = config.experiment_kwargs.config
-    normalization.load_stats(exp.data.stats_dir, task_config)  # StatsError naming var/level
-    check_init_checkpoint(exp.training.init_checkpoint, model_config, task_config, source.lat,
-                          exp.data.source)
+    normalization.load_stats(exp.data.stats_dir, task_config)  # StatsError: var/level/value
+    if ar_steps:
+        check_init_checkpoint(exp.training.init_checkpoint, model_config, task_config,
+                              source.lat, exp.data.source)
+    if with_eval:
+        check_climatology(exp.eval.climatology, task_config)
     check_rollouts(source, config, ar_steps, with_eval)
     source.example_batch()  # NaNDataError naming variable and time if the first chunk has one
 
 
-def check_config(config) -> None:
-    """The checks that need no data: fields, credentials, batch split."""
+def check_config(config, mode: str = "train") -> None:
+    """The checks that need no data: fields, credentials, value ranges, batch splits."""
     check_known_fields(config)
     check_no_credentials(config)
-    check_batch(config)
+    check_sizes(config)
+    check_batch(config, mode)
+
+
+def _bounded(fn: Callable[[], None], timeout_s: float) -> Optional[BaseException]:
+    """Runs fn in a daemon thread; its error, or TimeoutError if it has not returned in time."""
+    outcome: list = []
+
+    def target():
+        try:
+            fn()
+            outcome.append(None)
+        except BaseException as e:  # noqa: BLE001 -- handed to the caller
+            outcome.append(e)
+
+    thread = threading.Thread(target=target, daemon=True, name="location_probe")
+    thread.start()
+    thread.join(timeout_s)
+    if not outcome:
+        return TimeoutError(f"no answer within {timeout_s:g} s")
+    return outcome[0]
+
+
+def check_writable(location: str, what: str, *, create: bool = True, timeout_s: float = 60.0,
+                   storage_options: Optional[dict] = None) -> None:
+    """Writes and deletes a probe file in the directory `location` (created if `create`, else
+    it must exist), within `timeout_s`; LocationError names `what` and `location`."""
+    location = str(location).rstrip("/") or "/"
+    probe = f"{location}/.write_probe-{socket.gethostname()}-{os.getpid()}"
+
+    def write_probe():
+        if gcs.is_gcs(location):
+            gcs.check_reachable(location, storage_options)
+            fs = gcs.filesystem(location, storage_options)
+            with gcs.named_errors(location):
+                fs.pipe(probe.split("://", 1)[1], b"probe")
+                fs.rm(probe.split("://", 1)[1])
+            return
+        if create:
+            os.makedirs(location, exist_ok=True)
+        elif not os.path.isdir(location):
+            raise FileNotFoundError(f"directory {location} does not exist")
+        with open(probe, "wb") as f:
+            f.write(b"probe")
+        os.remove(probe)
+
+    error = _bounded(write_probe, timeout_s)
+    if error is not None:
+        raise LocationError(f"{what} {location} is not writable: {type(error).__name__}: "
+                            f"{error}. Check the path, its permissions and the storage.")
