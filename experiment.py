@@ -315,8 +315,9 @@ class Experiment(jl_experiment.AbstractExperiment):
         lead_hours = [6 * (k + 1) for k in range(cfg.rollout_steps)]
         accumulator = evaluation.MetricsAccumulator(self.source.lat, self.task_config.pressure_levels,
                                                     lead_hours)
-        climatology = evaluation.Climatology(cfg.climatology, self.task_config) \
-            if cfg.climatology else None
+        climatology = evaluation.Climatology(
+            cfg.climatology, self.task_config, self.source.lat, self.source.lon,
+            dict(self.config.data.storage_options or {}) or None) if cfg.climatology else None
         first = None
         began = time.perf_counter()
         for batch in self.source.eval_batches(batch_size=cfg.batch_size or
