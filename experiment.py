@@ -15,6 +15,7 @@ No TensorFlow: jaxline.train is driven directly (jaxline.platform imports Tensor
 import concurrent.futures
 import logging as std_logging
 import os
+import sys
 import time
 from typing import Any, Mapping, Optional
 
@@ -30,6 +31,8 @@ from jaxline import experiment as jl_experiment
 from jaxline import train as jl_train
 from jaxline import utils as jl_utils
 
+from data import validate
+
 from graphcast import checkpoint as gc_checkpoint
 from graphcast import config as gc_config
 from graphcast import normalization
@@ -44,6 +47,11 @@ from training import writer as writer_lib
 
 _AXIS = "devices"
 EXIT_CHECKPOINT_TIMEOUT = 3  # process exit status when a checkpoint save is stuck
+EXIT_BAD_INPUT = 2           # process exit status for a config or input error (one-line message)
+# Errors about the user's config or inputs: they name the field, file or URL, so the console
+# shows the message alone (no traceback).
+INPUT_ERRORS = (preflight.ConfigError, validate.DataValidationError, normalization.StatsError,
+                gc_checkpoint.CheckpointError)
 _LICENSE = ("Parameters trained with graphcast-trainer; the GraphCast architecture is DeepMind's "
             "(Lam et al. 2023). Check the license of the training data before redistribution.")
 
@@ -125,7 +133,9 @@ class Experiment(jl_experiment.AbstractExperiment):
     @property
     def predictor(self) -> rollout.Predictor:
         if self._predictor is None:
-            stats = normalization.load_stats(self.config.data.stats_dir, self.task_config)
+            data = self.config.data
+            stats = normalization.load_stats(data.stats_dir, self.task_config,
+                                             data_input.storage_options(data, data.stats_dir))
             training = self.config.training
             self._predictor = rollout.Predictor(
                 self.model_config, self.task_config, stats, self.source.lat, self.source.lon,
@@ -184,7 +194,7 @@ class Experiment(jl_experiment.AbstractExperiment):
             return self._restored["params"], self._restored["opt_state"]
         path = self.config.training.init_checkpoint
         if path:
-            ckpt = gc_checkpoint.load(path)
+            ckpt = gc_checkpoint.load(path, data_input.storage_options(self.config.data, path))
             gc_checkpoint.check_matches(ckpt, self.model_config, self.task_config, source=path)
             gc_checkpoint.check_grid(ckpt, self.source.lat, source=self.config.data.source)
             logging.info("Fine-tuning from %s.", path)
@@ -298,7 +308,7 @@ class Experiment(jl_experiment.AbstractExperiment):
             return self._restored["params"]
         path = self.config.training.init_checkpoint
         if path:
-            ckpt = gc_checkpoint.load(path)
+            ckpt = gc_checkpoint.load(path, data_input.storage_options(self.config.data, path))
             gc_checkpoint.check_matches(ckpt, self.model_config, self.task_config, source=path)
             return ckpt.params
         raise RuntimeError("evaluate() has no parameters: no checkpoint was restored in "
@@ -431,7 +441,7 @@ def export(config, path: str, step: Optional[int]) -> str:
         description=f"GraphCast trained with graphcast-trainer: {config.checkpoint_dir} step "
                     f"{meta['step']}, data {exp.data.source}.",
         license=_LICENSE)
-    gc_checkpoint.save(path, ckpt)
+    gc_checkpoint.save(path, ckpt, data_input.storage_options(exp.data, path))
     return f"Exported step {meta['step']} ({len(jax.tree.leaves(params))} arrays) to {path}."
 
 
@@ -460,14 +470,17 @@ def check_before_start(config, mode: str = "train") -> None:
     source = data_input.Source(exp.data, task_config, model_config.resolution)
     eval_cfg = exp.eval
     with_eval = mode != "train" or bool(eval_cfg.at_end or eval_cfg.interval_steps)
-    preflight.check_inputs(config, model_config, task_config, ar_steps, source, with_eval)
+    preflight.check_inputs(config, model_config, task_config, ar_steps, source, with_eval,
+                           with_train=mode != "eval")
 
 
 def run(config, mode: str) -> None:
     """Runs one jaxline mode with the persistent checkpointer and the TensorBoard writer."""
     jl_base_config.validate_config(config)
     exp = config.experiment_kwargs.config
-    data_input.ensure_sample_data(exp.data)
+    for line in data_input.input_summary(config):
+        logging.info(line)
+    data_input.ensure_sample_data(exp.data, exp.eval.climatology)
     check_before_start(config, mode)
     with config.unlocked():
         exp.training.logdir = default_logdir(config)
@@ -522,6 +535,11 @@ def main(argv) -> None:
         return
     try:
         run(config, _MODE.value)
+    except INPUT_ERRORS as e:
+        logging.flush()
+        print(f"Error: {' '.join(str(e).split())} ({type(e).__name__})", file=sys.stderr,
+              flush=True)
+        sys.exit(EXIT_BAD_INPUT)
     except ckpt_lib.CheckpointTimeoutError:
         # The stuck save's writer threads are not daemons: a normal exit would wait for them
         # forever. The error is reported, then the process ends here.

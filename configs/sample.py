@@ -49,7 +49,7 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
                               steps_per_ar=max((steps - decay - max(steps // 20, 1)) // 2, 1),
                               curriculum_lr=3e-4))
 
-    # eval: 4 batches of 24 h rollouts
+    # eval: 4 batches of 24 h rollouts; ACC against the sample's own climatology
     exp.eval.update(dict(num_batches=4, batch_size=4, rollout_steps=4, figure_lead_step=4,
-                         headline_lead_step=4))
+                         headline_lead_step=4, climatology="sample_data/climatology.zarr"))
     return config

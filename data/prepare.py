@@ -21,10 +21,9 @@ import logging
 from typing import Optional, Sequence
 
 import dask
-import numpy as np
 import xarray as xr
 
-from data import gcs, sources, validate
+from data import gcs, sources
 from graphcast.config import PRESSURE_LEVELS, TASK, TaskConfig
 
 MARKER_DIR = "_prepare"

@@ -189,7 +189,7 @@ def normalize(ds: xr.Dataset, *, task_config: TaskConfig, resolution: Optional[f
         ds = add_derived_forcings(ds, wanted)
     ds = ds[[v for v in wanted if v in ds.data_vars] +
             [v for v in PROGRESS_VARS if v in ds.data_vars and v not in wanted]]
-    ds.attrs = {**ds.attrs, "normalized_from": source or "<dataset>"}
+    ds.attrs = {**ds.attrs, "normalized_from": source or "<dataset>", "subsample_stride": stride}
     return validate.nan_checked(ds) if check_nans else ds
 
 

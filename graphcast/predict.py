@@ -3,6 +3,8 @@
     python -m graphcast.predict --checkpoint CKPT.npz --dataset DATA.nc --stats-dir DIR \
         --steps N --output OUT.nc [--bf16]
 
+Every path may also be a URL (gs://bucket/name; spaces in names are fine).
+
 The dataset has dims `batch, time, [level,] lat, lon` and a `datetime` coordinate. Inputs,
 targets and forcings are extracted exactly as the reference does for target lead times
 6 h .. 6N h (anchored on the end of the file); the predictions are written in the targets'
@@ -10,6 +12,7 @@ layout, with lead times as the `time` coordinate.
 """
 
 import argparse
+import io
 import logging
 import time
 
@@ -19,6 +22,7 @@ import xarray as xr
 
 from graphcast import checkpoint as checkpoint_lib
 from graphcast import data_utils
+from graphcast import files
 from graphcast import normalization
 from graphcast import rollout
 
@@ -59,10 +63,14 @@ def main(argv=None) -> None:
 
     ckpt = checkpoint_lib.load(args.checkpoint)
     stats = normalization.load_stats(args.stats_dir, ckpt.task_config)
-    dataset = xr.load_dataset(args.dataset)
+    dataset = xr.load_dataset(io.BytesIO(files.read_bytes(args.dataset))) \
+        if files.is_url(args.dataset) else xr.load_dataset(args.dataset)
     start = time.time()
     predictions = predict_dataset(ckpt, dataset, stats, args.steps, bf16=args.bf16)
-    predictions.to_netcdf(args.output)
+    if files.is_url(args.output):
+        files.write_bytes(args.output, predictions.to_netcdf(engine="h5netcdf"))
+    else:
+        predictions.to_netcdf(args.output)
     logging.info("Wrote %d steps of %s to %s in %.1f s.", args.steps,
                  sorted(predictions.data_vars), args.output, time.time() - start)
 

@@ -40,7 +40,8 @@ def write_climatology(path, resolution=30.0, days=range(1, 367), seed=0):
     return ds
 
 
-def numpy_acc(pred, truth, init_times, lead_hours, clim_store, var, level, lat):
+def numpy_acc(pred, truth, init_times, lead_hours, clim_store, var, level, lat,
+              levels=TASK.pressure_levels):
     """WeatherBench2's ACC written out: anomalies from the climatology at each valid time's day of
     year and hour, cell-area latitude weights, a correlation per initial time, then the mean over
     initial times. pred/truth: [B, T, (L), H, W] with latitude ascending."""
@@ -53,7 +54,7 @@ def numpy_acc(pred, truth, init_times, lead_hours, clim_store, var, level, lat):
     table = table.transpose("hour", "dayofyear", "latitude", "longitude")
     values = np.asarray(table.values, np.float64)[:, :, ::-1]  # latitude ascending
     hours, days = list(table["hour"].values), list(table["dayofyear"].values)
-    li = None if level is None else list(TASK.pressure_levels).index(level)
+    li = None if level is None else list(levels).index(level)
     out = []
     for j, lead in enumerate(lead_hours):
         per_init = []
@@ -130,3 +131,21 @@ def test_missing_climatology_names_the_path(tmp_path):
     lat, lon = _grid(30.0)
     with pytest.raises(validate.SourceNotFoundError, match="nothing.zarr"):
         evaluation.Climatology(str(tmp_path / "nothing.zarr"), TASK, lat, lon)
+
+
+def test_climatology_with_some_levels_gives_acc_for_those(tmp_path):
+    write_climatology(str(tmp_path / "clim.zarr"))
+    lat, lon = _grid(30.0)
+    task = gc_config.TaskConfig(
+        input_variables=TASK.input_variables, target_variables=TASK.target_variables,
+        forcing_variables=(), pressure_levels=(500, 925), input_duration="12h")
+    clim = evaluation.Climatology(str(tmp_path / "clim.zarr"), task, lat, lon)
+    values = clim.at(np.array(["2020-01-01T00"], "datetime64[ns]"), [6])
+    assert np.isnan(values["temperature"][:, :, 1]).all()
+    assert not np.isnan(values["temperature"][:, :, 0]).any()
+    accumulator = evaluation.MetricsAccumulator(lat, task.pressure_levels, [6])
+    truth = {k: v + 1.0 for k, v in values.items()}
+    accumulator.add(truth, truth, climatology=values)
+    metrics = accumulator.result()
+    assert "acc/temperature/500/6h" in metrics and "acc/temperature/925/6h" not in metrics
+    assert "rmse/temperature/925/6h" in metrics

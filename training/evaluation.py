@@ -86,7 +86,7 @@ class MetricsAccumulator:
                 self._add(key + ("err",), self._wmean(p - t))
                 if persist is not None:
                     self._add(key + ("pse",), self._wmean((pick(persist) - t) ** 2))
-                if clim is not None:
+                if clim is not None and not np.isnan(pick(clim)).any():  # NaN: level not held
                     c = pick(clim)
                     ap, at = p - c, t - c
                     acc = self._wmean(ap * at) / np.sqrt(self._wmean(ap ** 2) * self._wmean(at ** 2))
@@ -237,7 +237,8 @@ class Climatology:
     longitude), local or gs://, on the model's grid.
 
     A climatology on a grid k times finer than the model's is brought to it the way the data are
-    (every k-th point); any other grid is a GridMismatchError. Targets it lacks get no ACC (logged).
+    (every k-th point); any other grid is a GridMismatchError. Targets or levels it lacks get no
+    ACC (logged).
     `at(init_times, lead_hours)` returns the values at every forecast's valid time, for ACC.
     """
 
@@ -260,9 +261,18 @@ class Climatology:
                 f"{list(task_config.target_variables)} (it has {sorted(ds.data_vars)}).")
         if absent:
             logging.warning("Climatology %s has no %s: no ACC for them.", url, absent)
-        if any(v in ds.data_vars and "level" in ds[v].dims for v in names):
-            validate.check_levels(ds, task_config.pressure_levels, f"climatology {url}")
-            ds = ds.sel(level=list(task_config.pressure_levels))
+        if any("level" in ds[v].dims for v in names):
+            levels = list(task_config.pressure_levels)
+            have = [int(x) for x in ds["level"].values] if "level" in ds.coords else []
+            absent = [x for x in levels if x not in have]
+            if len(absent) == len(levels):
+                raise validate.MissingLevelsError(
+                    f"Climatology {url} has none of the task's pressure levels {levels} "
+                    f"(it has {have}).")
+            if absent:
+                logging.warning("Climatology %s has no pressure levels %s: no ACC there.",
+                                url, absent)
+            ds = ds.assign_coords(level=np.asarray(have)).reindex(level=levels)  # NaN if absent
         ds = ds[names]
         if validate.check_latitude(ds["lat"].values, url) < 0:
             ds = ds.isel(lat=slice(None, None, -1))

@@ -10,7 +10,7 @@ in the first example. Reading the source costs metadata plus one example.
 
 import dataclasses
 import re
-from typing import Any, Iterator, Tuple
+from typing import Any, Iterator, Optional, Tuple
 
 import jax
 import numpy as np
@@ -20,6 +20,8 @@ from data import examples
 from graphcast import checkpoint as gc_checkpoint
 from graphcast import config as gc_config
 from graphcast import normalization
+from training import data_input
+from training import evaluation
 from training import optim
 
 
@@ -102,11 +104,15 @@ def check_batch(config) -> None:
             f"multiple of {devices}.")
 
 
-def check_rollouts(source, config, ar_steps: int, with_eval: bool) -> None:
-    """Train split fits `ar_steps`-step examples; eval split (if evaluated) eval.rollout_steps."""
+def check_rollouts(source, config, ar_steps: int, with_eval: bool,
+                   with_train: bool = True) -> None:
+    """Train split (if trained on) fits `ar_steps`-step examples; eval split (if evaluated)
+    eval.rollout_steps."""
     data, task = config.experiment_kwargs.config.data, source.task
     times = source.dataset["time"].values
-    wanted = {"train": ((data.train_start, data.train_end), ar_steps)}
+    wanted = {}
+    if with_train:
+        wanted["train"] = ((data.train_start, data.train_end), ar_steps)
     if with_eval:
         wanted["eval"] = ((data.eval_start, data.eval_end),
                           config.experiment_kwargs.config.eval.rollout_steps)
@@ -119,24 +125,31 @@ def check_rollouts(source, config, ar_steps: int, with_eval: bool) -> None:
 
 
 def check_init_checkpoint(path: str, model_config, task_config, lat: np.ndarray,
-                          source: str) -> None:
+                          source: str, storage_options: Optional[dict] = None) -> None:
     """The fine-tuning checkpoint is a readable official .npz that fits the model, task and grid."""
     if not path:
         return
-    ckpt = gc_checkpoint.load(path)  # CheckpointError: truncated, corrupt, object arrays
+    # CheckpointError: missing, refused, truncated, corrupt, object arrays
+    ckpt = gc_checkpoint.load(path, storage_options)
     gc_checkpoint.check_matches(ckpt, model_config, task_config, source=path)
     gc_checkpoint.check_grid(ckpt, lat, source=source)
 
 
 def check_inputs(config, model_config, task_config, ar_steps: int, source,
-                 with_eval: bool = True) -> None:
+                 with_eval: bool = True, with_train: bool = True) -> None:
     """Statistics, fine-tuning checkpoint, rollout lengths and the first example of `source`;
-    with_eval: the run evaluates (its eval split must fit eval.rollout_steps)."""
+    with_eval: the run evaluates (its eval split must fit eval.rollout_steps); with_train: it
+    trains (its train split must fit `ar_steps`)."""
     exp = config.experiment_kwargs.config
-    normalization.load_stats(exp.data.stats_dir, task_config)  # StatsError naming var/level
+    options = lambda url: data_input.storage_options(exp.data, url)  # noqa: E731
+    # StatsError naming the file/URL, variable or level
+    normalization.load_stats(exp.data.stats_dir, task_config, options(exp.data.stats_dir))
     check_init_checkpoint(exp.training.init_checkpoint, model_config, task_config, source.lat,
-                          exp.data.source)
-    check_rollouts(source, config, ar_steps, with_eval)
+                          exp.data.source, options(exp.training.init_checkpoint))
+    check_rollouts(source, config, ar_steps, with_eval, with_train)
+    if with_eval and exp.eval.climatology:  # metadata only: missing URL, variables, levels, grid
+        evaluation.Climatology(exp.eval.climatology, task_config, source.lat, source.lon,
+                               dict(exp.data.get("storage_options") or {}) or None)
     source.example_batch()  # NaNDataError naming variable and time if the first chunk has one
 
 
