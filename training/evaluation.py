@@ -294,9 +294,10 @@ class Climatology:
 
     def _position(self, valid: "np.datetime64") -> tuple:
         import pandas as pd  # pylint: disable=import-outside-toplevel
+        from data import validate  # pylint: disable=import-outside-toplevel
         t = pd.Timestamp(valid)
         if t.day_of_year not in self._doy or t.hour not in self._hour:
-            raise ValueError(f"Climatology {self.url} has no entry for valid time {t} (day of year "
+            raise validate.DataValidationError(f"Climatology {self.url} has no entry for valid time {t} (day of year "
                              f"{t.day_of_year}, hour {t.hour}); it has days of year "
                              f"{min(self._doy)}..{max(self._doy)} and hours {sorted(self._hour)}.")
         return self._doy[t.day_of_year], self._hour[t.hour]
