@@ -149,3 +149,17 @@ def test_climatology_with_some_levels_gives_acc_for_those(tmp_path):
     metrics = accumulator.result()
     assert "acc/temperature/500/6h" in metrics and "acc/temperature/925/6h" not in metrics
     assert "rmse/temperature/925/6h" in metrics
+
+
+def test_sample_climatology_is_running_means_by_day_and_hour():
+    from data import sample
+    ds = sample.generate(seed=0, resolution=30.0, start="2020-12-30", days=4)  # crosses the year
+    clim = sample.climatology(ds, window_days=3)
+    assert dict(clim.sizes)["hour"] == 4 and sorted(clim["dayofyear"].values) == [1, 2, 365, 366]
+    assert "toa_incident_solar_radiation" not in clim
+    t2m = ds["2m_temperature"].sel(time=ds["time"].dt.hour == 6).values.astype(np.float64)
+    expected = t2m[0:3].mean(axis=0)  # 2020-12-31 (day 366): the days before and after it
+    step = sample.quantum(ds["2m_temperature"].values)[0]
+    got = clim["2m_temperature"].sel(hour=6, dayofyear=366).values
+    np.testing.assert_allclose(got, expected, atol=float(np.max(step)))
+    assert clim["temperature"].dims == ("hour", "dayofyear", "level", "latitude", "longitude")
