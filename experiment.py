@@ -32,7 +32,6 @@ from jaxline import train as jl_train
 from jaxline import utils as jl_utils
 
 from data import validate
-
 from graphcast import checkpoint as gc_checkpoint
 from graphcast import config as gc_config
 from graphcast import normalization

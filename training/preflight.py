@@ -4,8 +4,9 @@
 (after a compile, mid-run, or inside the eval job): unknown config fields, credentials placed in
 the config, a batch that does not split over the devices, data that does not match the task and
 grid (data.validate's named errors), statistics without a task variable or level, a fine-tuning
-checkpoint that is unreadable or does not match, rollouts longer than the split holds, and a NaN
-in the first example. Reading the source costs metadata plus one example.
+checkpoint that is unreadable or does not match, rollouts longer than the split holds, a
+climatology that is missing or does not fit (when the run evaluates), and a NaN in the first
+example. Reading the source costs metadata plus one example.
 """
 
 import dataclasses
@@ -141,11 +142,12 @@ def check_inputs(config, model_config, task_config, ar_steps: int, source,
     with_eval: the run evaluates (its eval split must fit eval.rollout_steps); with_train: it
     trains (its train split must fit `ar_steps`)."""
     exp = config.experiment_kwargs.config
-    options = lambda url: data_input.storage_options(exp.data, url)  # noqa: E731
+    stats_dir, init_checkpoint = exp.data.stats_dir, exp.training.init_checkpoint
     # StatsError naming the file/URL, variable or level
-    normalization.load_stats(exp.data.stats_dir, task_config, options(exp.data.stats_dir))
-    check_init_checkpoint(exp.training.init_checkpoint, model_config, task_config, source.lat,
-                          exp.data.source, options(exp.training.init_checkpoint))
+    normalization.load_stats(stats_dir, task_config,
+                             data_input.storage_options(exp.data, stats_dir))
+    check_init_checkpoint(init_checkpoint, model_config, task_config, source.lat, exp.data.source,
+                          data_input.storage_options(exp.data, init_checkpoint))
     check_rollouts(source, config, ar_steps, with_eval, with_train)
     if with_eval and exp.eval.climatology:  # metadata only: missing URL, variables, levels, grid
         evaluation.Climatology(exp.eval.climatology, task_config, source.lat, source.lon,
