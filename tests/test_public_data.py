@@ -189,6 +189,7 @@ def public_buckets(gcs_emulator, sample_dir, tmp_path_factory):  # noqa: F811
     return endpoint, ckpt
 
 
+@pytest.mark.slow
 def test_stats_checkpoint_and_outputs_accept_gs_urls(public_buckets, sample_dir,  # noqa: F811
                                                      tmp_path):
     _, ckpt = public_buckets
