@@ -145,7 +145,9 @@ class Experiment(jl_experiment.AbstractExperiment):
     @property
     def predictor(self) -> rollout.Predictor:
         if self._predictor is None:
-            stats = normalization.load_stats(self.config.data.stats_dir, self.task_config)
+            data = self.config.data
+            stats = normalization.load_stats(data.stats_dir, self.task_config,
+                                             data_input.storage_options(data, data.stats_dir))
             training = self.config.training
             self._predictor = rollout.Predictor(
                 self.model_config, self.task_config, stats, self.source.lat, self.source.lon,
@@ -208,7 +210,7 @@ class Experiment(jl_experiment.AbstractExperiment):
             return self._restored["params"], self._restored["opt_state"]
         path = self.config.training.init_checkpoint
         if path:
-            ckpt = gc_checkpoint.load(path)
+            ckpt = gc_checkpoint.load(path, data_input.storage_options(self.config.data, path))
             gc_checkpoint.check_matches(ckpt, self.model_config, self.task_config, source=path)
             gc_checkpoint.check_grid(ckpt, self.source.lat, source=self.config.data.source)
             logging.info("Fine-tuning from %s.", path)
@@ -322,7 +324,7 @@ class Experiment(jl_experiment.AbstractExperiment):
             return self._restored["params"]
         path = self.config.training.init_checkpoint
         if path:
-            ckpt = gc_checkpoint.load(path)
+            ckpt = gc_checkpoint.load(path, data_input.storage_options(self.config.data, path))
             gc_checkpoint.check_matches(ckpt, self.model_config, self.task_config, source=path)
             return ckpt.params
         raise RuntimeError("evaluate() has no parameters: no checkpoint was restored in "
@@ -339,8 +341,9 @@ class Experiment(jl_experiment.AbstractExperiment):
         lead_hours = [6 * (k + 1) for k in range(cfg.rollout_steps)]
         accumulator = evaluation.MetricsAccumulator(self.source.lat, self.task_config.pressure_levels,
                                                     lead_hours)
-        climatology = evaluation.Climatology(cfg.climatology, self.task_config) \
-            if cfg.climatology else None
+        climatology = evaluation.Climatology(
+            cfg.climatology, self.task_config, self.source.lat, self.source.lon,
+            dict(self.config.data.storage_options or {}) or None) if cfg.climatology else None
         first = None
         began = time.perf_counter()
         for batch in self.source.eval_batches(batch_size=cfg.batch_size or
@@ -503,7 +506,7 @@ def export(config, path: str, step: Optional[int]) -> str:
         license=_LICENSE)
     gc_checkpoint.check_finite(ckpt, source=where)
     check_param_shapes(ckpt.params, ckpt.model_config, ckpt.task_config, where)
-    gc_checkpoint.save(path, ckpt)
+    gc_checkpoint.save(path, ckpt, data_input.storage_options(exp.data, path))
     return f"Exported step {meta['step']} ({len(jax.tree.leaves(ckpt.params))} arrays) to {path}."
 
 
@@ -533,7 +536,9 @@ def check_before_start(config, mode: str = "train", export_path: str = "") -> No
     exp = config.experiment_kwargs.config
     model_config, task_config = model_config_from(exp), task_config_from(exp)
     if mode != "export":
-        data_input.ensure_sample_data(exp.data)
+        for line in data_input.input_summary(config):
+            logging.info(line)
+        data_input.ensure_sample_data(exp.data, exp.eval.climatology)
         optim_config = optim.OptimConfig.from_mapping(dict(exp.optimizer))
         trains = mode in ("train", "train_eval_multithreaded")
         ar_steps = max(optim.distinct_ar_steps(optim_config, exp.training.run_steps)) \

@@ -25,6 +25,7 @@ setuptools.setup(
         "xarray>=2025.1",
         "dask[array,distributed]>=2025.1",
         "zarr>=3.0",
+        "fsspec>=2025.1",
         "gcsfs>=2025.1",
         "google-cloud-storage>=3.0",
         "netCDF4>=1.7",

@@ -8,6 +8,8 @@ Both are measured from a local zarr and from gcp-storage-emulator (separate proc
 
     python benchmarks/data_throughput.py                 # synthetic 2-day zarr in a temp dir
     python benchmarks/data_throughput.py --path DIR.zarr # an existing WeatherBench2-layout zarr
+    python benchmarks/data_throughput.py --strided       # 1-degree examples from a 0.25-degree
+                                                         # zarr (every 4th point) vs a prepared copy
 """
 
 import argparse
@@ -44,11 +46,13 @@ create_server("127.0.0.1", int(sys.argv[1]), in_memory=True, default_bucket="ben
 """
 
 
-def synthetic_zarr(path: str, days: int, seed: int = 0) -> None:
-    """WeatherBench2-layout 1-degree, 13-level zarr with every TASK_13 variable (incl. TOA)."""
+def synthetic_zarr(path: str, days: int, seed: int = 0, resolution: float = 1.0) -> None:
+    """WeatherBench2-layout 13-level zarr with every TASK_13 variable (incl. TOA), one time step
+    per chunk (as WeatherBench2 stores it)."""
     rng = np.random.default_rng(seed)
     times = pd.date_range("2020-01-01", periods=4 * days, freq="6h")
-    lat, lon = np.linspace(90, -90, 181), np.arange(360.0)
+    n_lat = int(round(180 / resolution))
+    lat, lon = np.linspace(90, -90, n_lat + 1), np.arange(2 * n_lat) * resolution
     levels = np.asarray(TASK_13.pressure_levels)
     coords = {"time": times, "level": levels, "latitude": lat, "longitude": lon}
     ds = xr.Dataset(coords=coords)
@@ -62,9 +66,10 @@ def synthetic_zarr(path: str, days: int, seed: int = 0) -> None:
     ds.chunk({"time": 1}).to_zarr(path, mode="w", zarr_format=2, consolidated=True)
 
 
-def read_examples(url: str, opts, num: int) -> tuple:
-    """Seconds and bytes to read `num` examples through open_source."""
-    ds = sources.open_source(url, task_config=TASK_13, resolution=1.0, storage_options=opts)
+def read_examples(url: str, opts, num: int, subsample_grid: bool = False) -> tuple:
+    """Seconds and bytes (of 1-degree examples) to read `num` examples through open_source."""
+    ds = sources.open_source(url, task_config=TASK_13, resolution=1.0, storage_options=opts,
+                             subsample_grid=subsample_grid)
     start, nbytes = time.perf_counter(), 0
     for i in range(num):
         window = ds.isel(time=slice(i, i + STEPS_PER_EXAMPLE)).compute()
@@ -100,7 +105,12 @@ def main() -> None:
     p.add_argument("--days", type=int, default=2, help="days of synthetic data (no --path)")
     p.add_argument("--examples", type=int, default=None, help="examples per measurement")
     p.add_argument("--no-emulator", action="store_true", help="local zarr only")
+    p.add_argument("--strided", action="store_true",
+                   help="0.25-degree synthetic zarr read at 1 degree vs its data.prepare copy")
     args = p.parse_args()
+    if args.strided:
+        strided(args.days, args.no_emulator)
+        return
     tmp = tempfile.TemporaryDirectory()
     path = args.path
     if path is None:
@@ -124,6 +134,34 @@ def main() -> None:
         url = "gs://bench/era5.zarr"
         report("emulator, plain zarr read", *read_plain(url, opts, num), num)
         report("emulator, open_source examples", *read_examples(url, opts, num), num)
+
+
+def strided(days: int, no_emulator: bool) -> None:
+    """1-degree examples read from a 0.25-degree zarr (every 4th point; each chunk is read whole)
+    and from the 1-degree copy `python -m data.prepare --resolution 1.0` writes of it."""
+    from data import prepare  # pylint: disable=import-outside-toplevel
+    tmp = tempfile.TemporaryDirectory()
+    fine, coarse = os.path.join(tmp.name, "era5_0p25.zarr"), os.path.join(tmp.name, "era5_1.zarr")
+    t0 = time.perf_counter()
+    synthetic_zarr(fine, days, resolution=0.25)
+    times = xr.open_zarr(fine)["time"].values
+    prepare.prepare(prepare.PrepareConfig(fine, coarse, 1.0, 13, str(times[0]), str(times[-1])))
+    print(f"synthetic 0.25-degree zarr ({days} days) and its prepared 1-degree copy in "
+          f"{time.perf_counter() - t0:.1f} s")
+    num = len(times) - STEPS_PER_EXAMPLE + 1
+    report("local, 0.25 deg read every 4th point", *read_examples(fine, None, num, True), num)
+    report("local, prepared 1 deg copy", *read_examples(coarse, None, num), num)
+    if no_emulator:
+        return
+    with emulator() as endpoint:
+        opts = {"token": "anon", "endpoint_url": endpoint}
+        fs = gcs.filesystem("gs://bench", opts)
+        for local, name in ((fine, "era5_0p25.zarr"), (coarse, "era5_1.zarr")):
+            fs.put(local, f"bench/{name}", recursive=True)
+        report("emulator, 0.25 deg every 4th point",
+               *read_examples("gs://bench/era5_0p25.zarr", opts, num, True), num)
+        report("emulator, prepared 1 deg copy",
+               *read_examples("gs://bench/era5_1.zarr", opts, num), num)
 
 
 @contextlib.contextmanager

@@ -28,6 +28,31 @@ def bench_task(levels: int) -> config_lib.TaskConfig:
     return dataclasses.replace(config_lib.TASK_13, pressure_levels=config_lib.PRESSURE_LEVELS[levels])
 
 
+def matmul_flops(fn, *args) -> float:
+    """2*M*N*K summed over every matrix product (dot_general) of `fn`'s jaxpr, scan bodies counted
+    `length` times and rematerialized code once per execution as traced (the recomputation shows
+    up in the backward pass). Element-wise work is left out: a lower bound dominated by the edge
+    and node MLPs. (XLA's cost analysis counts a scan body once, whatever its length.)"""
+
+    def count(jaxpr) -> float:
+        total = 0.0
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+                k = np.prod([eqn.invars[0].aval.shape[d] for d in lhs_contract])
+                total += 2.0 * k * np.prod(eqn.outvars[0].aval.shape)
+            factor = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+            subs = [v for v in eqn.params.values() if hasattr(v, "eqns") or hasattr(v, "jaxpr")]
+            if eqn.primitive.name == "cond":
+                total += max(count(b.jaxpr) for b in eqn.params["branches"])
+                continue
+            for sub in subs:
+                total += factor * count(sub.jaxpr if hasattr(sub, "jaxpr") else sub)
+        return total
+
+    return count(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--resolution", type=float, default=1.0)
@@ -81,6 +106,9 @@ def main() -> None:
         "graph_build_s": graph_s,
         "compile_s": compile_s,
         **memory.memory_report(compiled),
+        "matmul_flops": matmul_flops(memory.train_step_fn(predictor, optimizer), abstract_params,
+                                     jax.eval_shape(optimizer.init, abstract_params),
+                                     abstract_batch),
         "config": vars(args),
     }
     if not args.compile_only:

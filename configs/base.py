@@ -51,7 +51,8 @@ def get_base_config(task: gc_config.TaskConfig) -> config_dict.ConfigDict:
     # --- data: where examples and statistics come from, batch, date splits ---
     exp.data = config_dict.ConfigDict(dict(
         source="",                   # zarr dir, gs:// zarr or netCDF (data.sources.open_source)
-        stats_dir="",                # folder with mean/stddev/diffs_stddev_by_level.nc
+        subsample_grid=False,        # a source grid k times finer: read every k-th point
+        stats_dir="",                # folder or gs:// prefix with mean/stddev/diffs_stddev_by_level.nc
         global_batch_size=32,        # over all devices of all hosts
         train_start="1979-01-01", train_end="2015-12-31",
         eval_start="2016-01-01", eval_end="2017-12-31",
@@ -93,7 +94,7 @@ def get_base_config(task: gc_config.TaskConfig) -> config_dict.ConfigDict:
         rollout_steps=4,             # lead times 6h..6h*rollout_steps
         figure_lead_step=4,          # lead (in 6-hour steps) drawn in the PNG
         headline_lead_step=4,        # lead of the TensorBoard headline scalars
-        climatology="",              # dataset with the targets' climatology (enables ACC)
+        climatology="",              # zarr (local or gs://) of the targets' climatology: enables ACC
         interval_steps=0,            # in-process evaluation every N train steps (0 = only at the end)
         at_end=True,                 # evaluate in-process after the last training step
         restore_wait_s=600,          # eval job: wait this long for an unreadable checkpoint

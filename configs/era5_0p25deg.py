@@ -1,12 +1,14 @@
 """Full GraphCast: ERA5 at 0.25 degree, 37 levels, mesh 6, latent 512, 16 message-passing steps.
 
-Run (multi-node; see launch/slurm_multinode.sbatch):
+Run as it is (multi-node; see launch/slurm_multinode.sbatch), from public data on Google Cloud Storage:
   sbatch launch/slurm_multinode.sbatch configs/era5_0p25deg.py \
-    --config.experiment_kwargs.config.data.source=gs://gcp-public-data-arco-era5/ar/full_37-1h-0p25deg-chunk-1.zarr-v3 \
-    --config.experiment_kwargs.config.data.stats_dir=gs://MY_BUCKET/stats_0p25 \
     --config.checkpoint_dir=gs://MY_BUCKET/runs/graphcast_0p25
+Defaults: data = ARCO-ERA5's 0.25-degree 37-level ERA5 (hourly; read at 00/06/12/18 UTC with
+6-hour precipitation summed from the hourly values), statistics = DeepMind's
+(gs://dm_graphcast/stats), ACC climatology = WeatherBench2's 1990-2019 ERA5 climatology (ACC for
+the levels it holds). Public buckets are read anonymously unless the environment has credentials.
 Global batch 32 (1 example per device on 32 devices), 311,000 steps with the paper schedule.
-Expected cost: DeepMind used 32 TPU v4 for ~4 weeks; budget several weeks on 32 H100 (80 GB).
+Cost: not measured here (no GPU); DeepMind reports about 4 weeks on 32 TPU v4 for this model.
 Memory: bf16 and per-AR-step remat are required; check `python -m graphcast.describe --memory`.
 """
 
@@ -14,6 +16,11 @@ from ml_collections import config_dict
 
 from configs import base
 from graphcast import config as gc_config
+
+ARCO_ERA5_0P25 = "gs://gcp-public-data-arco-era5/ar/full_37-1h-0p25deg-chunk-1.zarr-v3"
+DM_STATS = "gs://dm_graphcast/stats"
+WB2_CLIMATOLOGY_0P25 = ("gs://weatherbench2/datasets/era5-hourly-climatology/"
+                        "1990-2019_6h_1440x721.zarr")
 
 
 def get_config(arg: str = "") -> config_dict.ConfigDict:
@@ -27,8 +34,8 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
     exp.model.update(dict(resolution=0.25, mesh_size=6, latent_size=512, gnn_msg_steps=16,
                           hidden_layers=1, radius_query_fraction_edge_length=0.6))
 
-    # data: ARCO-ERA5 / WeatherBench2 0.25-degree, 37 levels
-    exp.data.update(dict(source="", stats_dir="", global_batch_size=32,
+    # data: public ARCO-ERA5 0.25-degree, 37 levels; DeepMind's statistics
+    exp.data.update(dict(source=ARCO_ERA5_0P25, stats_dir=DM_STATS, global_batch_size=32,
                          train_start="1979-01-01", train_end="2017-12-31",
                          eval_start="2018-01-01", eval_end="2018-12-31",
                          prefetch=2, workers=16, graph_cache_dir="runs/graph_cache"))
@@ -36,9 +43,9 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
     # training: memory is the constraint at this size
     exp.training.update(dict(bf16=True, remat_steps=True, remat_blocks=True, block_size=32768))
 
-    # eval: 4 batches of 10-day rollouts, headline at 24 h
+    # eval: 4 batches of 10-day rollouts, headline at 24 h; ACC against WeatherBench2's climatology
     exp.eval.update(dict(num_batches=4, batch_size=0, rollout_steps=40, figure_lead_step=4,
-                         headline_lead_step=4))
+                         headline_lead_step=4, climatology=WB2_CLIMATOLOGY_0P25))
 
     # memory: use nearly all device memory, allocated on demand
     exp.memory.update(dict(allocator="platform", mem_fraction=0.0, preallocate=False))

@@ -45,7 +45,9 @@ DEFAULT_SPLITS = {
 
 def split_bounds(split: Sequence) -> tuple:
     """(start, stop) datetime64[ns] of a (start, end) pair; stop is exclusive. An end given as a
-    date (no time of day) includes that whole day; None means unbounded."""
+    string includes the whole period it names, as xarray's `sel(time=slice(start, end))` (used by
+    data.stats and data.prepare) does: "2015" the year, "2015-12" the month, "2015-12-31" the day;
+    None means unbounded."""
     start, end = split
     # None: the ends of the datetime64[ns] range.
     lo = np.datetime64(pd.Timestamp(start), "ns") if start is not None else np.datetime64(
@@ -53,10 +55,9 @@ def split_bounds(split: Sequence) -> tuple:
     if end is None:
         hi = np.datetime64(np.iinfo(np.int64).max, "ns")
     else:
-        ts = pd.Timestamp(end)
-        is_date = isinstance(end, str) and len(end.strip()) <= 10
-        hi = np.datetime64(ts + pd.Timedelta(days=1) if is_date else ts + pd.Timedelta(1, "ns"),
-                           "ns")
+        stop = (pd.Period(end.strip()) + 1).start_time if isinstance(end, str) else \
+            pd.Timestamp(end) + pd.Timedelta(1, "ns")
+        hi = stop.to_datetime64().astype("datetime64[ns]")
     if hi <= lo:
         raise ValueError(f"Split {split!r} is empty: its end is not after its start.")
     return lo, hi

@@ -65,6 +65,11 @@ def gcs_storage_options(storage_options: Optional[dict] = None) -> dict:
     return opts
 
 
+def options_for(url: str, storage_options: Optional[dict] = None) -> dict:
+    """fsspec keyword arguments for `url`: gcsfs's for gs:// URLs, none for anything else."""
+    return gcs_storage_options(storage_options) if is_gcs(url) else {}
+
+
 def filesystem(url: str, storage_options: Optional[dict] = None) -> fsspec.AbstractFileSystem:
     """fsspec filesystem for a local path or gs:// URL."""
     if is_gcs(url):

@@ -21,10 +21,9 @@ import logging
 from typing import Optional, Sequence
 
 import dask
-import numpy as np
 import xarray as xr
 
-from data import gcs, sources, validate
+from data import gcs, sources
 from graphcast.config import PRESSURE_LEVELS, TASK, TaskConfig
 
 MARKER_DIR = "_prepare"
@@ -57,24 +56,6 @@ class PrepareConfig:
         return json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
 
 
-def subsample(ds: xr.Dataset, resolution: float, source: str = "") -> xr.Dataset:
-    """Every k-th lat/lon point of a normalized dataset, k = resolution / source spacing."""
-    found = float(abs(ds["lat"].values[1] - ds["lat"].values[0]))
-    stride = resolution / found
-    if stride < 1 - 1e-6 or not np.isclose(stride, round(stride), atol=1e-4):
-        raise validate.GridMismatchError(
-            f"Cannot subsample {source} from {found:g} deg to {resolution:g} deg: the target "
-            "resolution must be a whole multiple of the source's.")
-    k = int(round(stride))
-    if (ds.sizes["lat"] - 1) % k:
-        raise validate.GridMismatchError(
-            f"{source}: {ds.sizes['lat']} latitudes cannot be subsampled by {k} keeping both "
-            "poles (need (n_lat - 1) divisible by the stride).")
-    out = ds.isel(lat=slice(None, None, k), lon=slice(None, None, k))
-    validate.check_grid(out["lat"].values, out["lon"].values, resolution, source)
-    return out
-
-
 def to_output_layout(ds: xr.Dataset) -> xr.Dataset:
     """Normalized layout -> WeatherBench2-like layout, one time step per chunk."""
     ds = ds.drop_vars([v for v in sources.PROGRESS_VARS if v in ds.variables])
@@ -91,7 +72,7 @@ def build(config: PrepareConfig, storage_options: Optional[dict] = None) -> xr.D
     ds = ds.sel(time=slice(config.start, config.end))
     if ds.sizes["time"] == 0:
         raise PrepareError(f"No times of {config.source} fall in {config.start}..{config.end}.")
-    ds = subsample(ds, config.resolution, config.source)
+    ds = sources.subsample(ds, config.resolution, config.source)
     stored_forcings = [v for v in sources.task_variables(task) if v == sources.TOA]
     out = to_output_layout(sources.add_derived_forcings(ds, stored_forcings))
     out.attrs = {"source": config.source, CONFIG_ATTR: config.fingerprint(),

@@ -20,6 +20,7 @@ Usage: python -m data.sample --out DIR [--seed S --resolution 5.625 --start 2020
 
 import argparse
 import os
+from typing import Optional
 import time as time_lib
 
 import numcodecs
@@ -246,14 +247,43 @@ def generate(*, seed: int = 0, resolution: float = 5.625, start: str = "2020-01-
     return xr.Dataset(data_vars, coords, attrs)
 
 
-def quantize(values: np.ndarray, fraction: float = 1 / 32) -> np.ndarray:
-    """Rounds [T, (L,) H, W] float32 values to a power-of-two step below `fraction` of the std of
-    their 6 h changes (per level), like GRIB packing: the dropped low bits make the zarr several
-    times smaller while the steps stay far below the signal a model learns. Exact in float32."""
+def quantum(values: np.ndarray, fraction: float = 1 / 32) -> np.ndarray:
+    """The power-of-two step below `fraction` of the std of the 6 h changes of [T, (L,) H, W]
+    values, per level (shape broadcastable to a frame with a leading axis)."""
     axes = (0, 2, 3) if values.ndim == 4 else (0, 1, 2)
     change = np.diff(values.astype(np.float64), axis=0).std(axis=axes, keepdims=True)
-    step = np.exp2(np.floor(np.log2(np.maximum(change * fraction, 1e-30))))
+    return np.exp2(np.floor(np.log2(np.maximum(change * fraction, 1e-30))))
+
+
+def quantize(values: np.ndarray, step: Optional[np.ndarray] = None) -> np.ndarray:
+    """Rounds float32 values to `step` (default: `quantum(values)`), like GRIB packing: the
+    dropped low bits make the zarr several times smaller while the steps stay far below the
+    signal a model learns. Exact in float32."""
+    step = quantum(values) if step is None else step
     return (np.round(values / step) * step).astype(np.float32)
+
+
+def climatology(ds: xr.Dataset, window_days: int = 31) -> xr.Dataset:
+    """A WeatherBench2-layout climatology of the sample (dims hour, dayofyear, [level,] latitude,
+    longitude) for ACC: per hour of day, the mean over a `window_days` window centred on each day
+    (clipped at the sample's ends), for every time-dependent variable except TOA radiation. Only
+    the days of year the sample covers are present."""
+    names = [v for v in ds.data_vars
+             if "time" in ds[v].dims and v != "toa_incident_solar_radiation"]
+    hours = []
+    for hour in np.unique(ds["time"].dt.hour.values):
+        series = ds[names].isel(time=ds["time"].dt.hour.values == hour).astype(np.float64)
+        smooth = series.rolling(time=window_days, center=True, min_periods=1).mean()
+        smooth = smooth.assign_coords(dayofyear=("time", series["time"].dt.dayofyear.values))
+        hours.append(smooth.groupby("dayofyear").mean().expand_dims(hour=[int(hour)]))
+    clim = xr.concat(hours, "hour").transpose("hour", "dayofyear", ...)
+    for name in names:  # packed with the data's steps: a quarter of the size, same precision
+        step = quantum(ds[name].values)[None]
+        clim[name] = clim[name].copy(data=quantize(clim[name].values, step))
+    clim.attrs = {"synthetic": "true", "description": (
+        f"Climatology of the SYNTHETIC sample (data.sample): per hour, {window_days}-day running "
+        "means grouped by day of year.")}
+    return clim
 
 
 def write(ds: xr.Dataset, path: str) -> None:
@@ -264,6 +294,16 @@ def write(ds: xr.Dataset, path: str) -> None:
         chunks = tuple(1 if d == "time" else n for d, n in zip(var.dims, var.shape))
         encoding[name] = {"chunks": chunks, "compressors": [compressor]}
     ds.to_zarr(path, mode="w", zarr_format=2, consolidated=True, encoding=encoding)
+
+
+def write_climatology(clim: xr.Dataset, path: str) -> None:
+    """Write as zarr v2, one (hour, day of year) field per chunk, like WeatherBench2's."""
+    compressor = numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.BITSHUFFLE)
+    encoding = {name: {"chunks": tuple(1 if d in ("hour", "dayofyear") else n
+                                       for d, n in zip(var.dims, var.shape)),
+                       "compressors": [compressor]}
+                for name, var in clim.data_vars.items()}
+    clim.to_zarr(path, mode="w", zarr_format=2, consolidated=True, encoding=encoding)
 
 
 def main(argv=None) -> None:
@@ -280,11 +320,13 @@ def main(argv=None) -> None:
     os.makedirs(args.out, exist_ok=True)
     zarr_path = os.path.join(args.out, "era5_sample.zarr")
     write(ds, zarr_path)
+    write_climatology(climatology(ds), os.path.join(args.out, "climatology.zarr"))
     generated = time_lib.perf_counter() - began
     times = ds["time"].values
     stats.run(zarr_path, str(times[0]), str(times[-1]), os.path.join(args.out, "stats"))
     print(f"wrote {zarr_path} ({ds.sizes['time']} times, {ds.sizes['latitude']}x"
-          f"{ds.sizes['longitude']} grid) in {generated:.1f} s and {args.out}/stats in "
+          f"{ds.sizes['longitude']} grid) and {args.out}/climatology.zarr in {generated:.1f} s, "
+          f"{args.out}/stats in "
           f"{time_lib.perf_counter() - began - generated:.1f} s")
 
 

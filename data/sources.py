@@ -29,7 +29,7 @@ TP6 = "total_precipitation_6hr"
 TP_HOURLY = "total_precipitation"
 PROGRESS_VARS = ("year_progress", "year_progress_sin", "year_progress_cos",
                  "day_progress", "day_progress_sin", "day_progress_cos")
-_RENAMES = {"latitude": "lat", "longitude": "lon", "pressure_level": "level"}
+RENAMES = {"latitude": "lat", "longitude": "lon", "pressure_level": "level"}
 _NETCDF_SUFFIXES = (".nc", ".nc4", ".netcdf", ".h5", ".hdf5")
 
 
@@ -43,10 +43,13 @@ def task_variables(task_config: TaskConfig) -> list:
 def open_source(url: str, *, task_config: TaskConfig, resolution: Optional[float] = None,
                 storage_options: Optional[dict] = None, chunks: Optional[Mapping] = None,
                 allow_lon_shift: bool = True, strict_dims: bool = False,
-                check_nans: bool = True, derive_forcings: bool = True) -> xr.Dataset:
+                check_nans: bool = True, derive_forcings: bool = True,
+                subsample_grid: bool = False) -> xr.Dataset:
     """Opens `url` (zarr dir, gs:// zarr, or netCDF file) lazily in the normalized layout.
 
     resolution: the model's grid spacing in degrees; the grid is checked against it if given.
+    subsample_grid: a source grid k times finer than `resolution` is read at every k-th point
+      (as DeepMind made its 1-degree data from 0.25-degree ERA5); every chunk is still read whole.
     chunks: dask chunks for opening (default: the on-disk chunks).
     allow_lon_shift: convert [-180, 180) longitudes to [0, 360) (else raise).
     strict_dims: raise on a variable whose dims are right but in another order (else transpose).
@@ -57,7 +60,8 @@ def open_source(url: str, *, task_config: TaskConfig, resolution: Optional[float
     raw = open_raw(url, storage_options=storage_options, chunks=chunks)
     return normalize(raw, task_config=task_config, resolution=resolution, source=url,
                      allow_lon_shift=allow_lon_shift, strict_dims=strict_dims,
-                     check_nans=check_nans, derive_forcings=derive_forcings)
+                     check_nans=check_nans, derive_forcings=derive_forcings,
+                     subsample_grid=subsample_grid)
 
 
 def is_netcdf(url: str) -> bool:
@@ -137,10 +141,10 @@ def _six_hourly(ds: xr.Dataset, step: pd.Timedelta, derive_tp6: bool) -> xr.Data
 def normalize(ds: xr.Dataset, *, task_config: TaskConfig, resolution: Optional[float] = None,
               source: Optional[str] = None, allow_lon_shift: bool = True,
               strict_dims: bool = False, check_nans: bool = True,
-              derive_forcings: bool = True) -> xr.Dataset:
+              derive_forcings: bool = True, subsample_grid: bool = False) -> xr.Dataset:
     """Validates metadata, then lazily reshapes `ds` into the normalized layout."""
     ds = _squeeze_batch(ds, source)
-    ds = ds.rename({k: v for k, v in _RENAMES.items() if k in ds.variables or k in ds.dims})
+    ds = ds.rename({k: v for k, v in RENAMES.items() if k in ds.variables or k in ds.dims})
     for coord in ("time", "lat", "lon"):
         if coord not in ds.coords:
             raise validate.DimensionError(f"No `{coord}` coordinate in {source}; found coordinates "
@@ -155,7 +159,8 @@ def normalize(ds: xr.Dataset, *, task_config: TaskConfig, resolution: Optional[f
         validate.check_levels(ds, levels, source)
     lat_step = validate.check_latitude(ds["lat"].values, source)
     shift_lon = validate.check_longitude(ds["lon"].values, source, allow_lon_shift)
-    if resolution is not None:
+    stride = grid_stride(ds["lat"].values, resolution) if subsample_grid and resolution else 1
+    if resolution is not None and stride == 1:
         validate.check_grid(ds["lat"].values, ds["lon"].values, resolution, source)
     present = [v for v in wanted if v in ds.data_vars]
     reordered = validate.check_dims(ds, present, source, strict_order=strict_dims)
@@ -182,12 +187,40 @@ def normalize(ds: xr.Dataset, *, task_config: TaskConfig, resolution: Optional[f
     ds = ds.assign_coords(time=ds["time"].values.astype("datetime64[ns]"),
                           lat=ds["lat"].values.astype(np.float32),
                           lon=ds["lon"].values.astype(np.float32))
+    if stride > 1:
+        ds = subsample(ds, resolution, source)
     if derive_forcings:
         ds = add_derived_forcings(ds, wanted)
     ds = ds[[v for v in wanted if v in ds.data_vars] +
             [v for v in PROGRESS_VARS if v in ds.data_vars and v not in wanted]]
-    ds.attrs = {**ds.attrs, "normalized_from": source or "<dataset>"}
+    ds.attrs = {**ds.attrs, "normalized_from": source or "<dataset>", "subsample_stride": stride}
     return validate.nan_checked(ds) if check_nans else ds
+
+
+def grid_stride(lat: np.ndarray, resolution: float) -> int:
+    """k when `resolution` is k times the latitude spacing (k >= 1 whole), else 1."""
+    ratio = resolution / abs(float(lat[1] - lat[0]))
+    return int(round(ratio)) if ratio > 1 - 1e-6 and np.isclose(ratio, round(ratio), atol=1e-4) \
+        else 1
+
+
+def subsample(ds: xr.Dataset, resolution: float, source: str = "") -> xr.Dataset:
+    """Every k-th lat/lon point of a dataset with `lat`/`lon` dims (lat ascending, poles included
+    when subsampling), k = resolution / its spacing; the result must be the `resolution` grid."""
+    found = float(abs(ds["lat"].values[1] - ds["lat"].values[0]))
+    stride = resolution / found
+    if stride < 1 - 1e-6 or not np.isclose(stride, round(stride), atol=1e-4):
+        raise validate.GridMismatchError(
+            f"Cannot subsample {source} from {found:g} deg to {resolution:g} deg: the target "
+            "resolution must be a whole multiple of the source's.")
+    k = int(round(stride))
+    if (ds.sizes["lat"] - 1) % k:
+        raise validate.GridMismatchError(
+            f"{source}: {ds.sizes['lat']} latitudes cannot be subsampled by {k} keeping both "
+            "poles (need (n_lat - 1) divisible by the stride).")
+    out = ds.isel(lat=slice(None, None, k), lon=slice(None, None, k))
+    validate.check_grid(out["lat"].values, out["lon"].values, resolution, source)
+    return out
 
 
 def _time_chunks(ds: xr.Dataset) -> tuple:

@@ -26,6 +26,7 @@ import xarray as xr
 
 from graphcast import config
 from graphcast import data_utils
+from graphcast import files
 from graphcast.solar_radiation import TISR
 
 SIX_HOURS = np.timedelta64(6, "h")
@@ -174,11 +175,14 @@ def _to_datasets(ds: xr.Dataset, sums: dict, diffs: dict, prepared: dict) -> tup
                  for v in (mean, std, diff_std))
 
 
-def write_stats(stats: tuple, out_dir: str) -> None:
-    """Writes (mean, stddev, diffs_stddev) as the three official netCDF files into out_dir."""
-    os.makedirs(out_dir, exist_ok=True)
+def write_stats(stats: tuple, out_dir: str, storage_options: Optional[dict] = None) -> None:
+    """Writes (mean, stddev, diffs_stddev) as the three official netCDF files into out_dir, a
+    folder or a URL prefix (gs://bucket/stats)."""
+    if not files.is_url(out_dir):
+        os.makedirs(out_dir, exist_ok=True)
     for name, dataset in zip(STAT_FILES, stats):
-        dataset.to_netcdf(os.path.join(out_dir, name))
+        files.write_bytes(files.join(out_dir, name), dataset.to_netcdf(engine="h5netcdf"),
+                          storage_options)
 
 
 def _task_for_levels(num_levels: int) -> config.TaskConfig:
@@ -228,7 +232,7 @@ def main(argv=None) -> None:
     parser.add_argument("--source", required=True, help="zarr dir, gs:// zarr or netCDF file")
     parser.add_argument("--start", required=True, help="first date (inclusive)")
     parser.add_argument("--end", required=True, help="last date (inclusive)")
-    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--out", required=True, help="output folder or URL (gs://bucket/stats)")
     parser.add_argument("--scheduler", default=None, help="dask.distributed scheduler address")
     parser.add_argument("--levels", type=int, default=13, help="13 or 37 pressure levels")
     parser.add_argument("--block-size", type=int, default=256, help="time steps per dask pass")

@@ -1,1 +1,1 @@
-"""GraphCast in JAX + haiku + jraph, parameter-compatible with the official checkpoints."""
+"""GraphCast in JAX + haiku, parameter-compatible with the official checkpoints."""

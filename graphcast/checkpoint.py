@@ -7,14 +7,16 @@ unpickles: object arrays are rejected.
 """
 
 import dataclasses
+import io
 import os
 import typing
 import zipfile
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
 from graphcast import config as config_lib
+from graphcast import files
 
 SEPARATOR = ":"
 
@@ -71,10 +73,14 @@ def to_flat_dict(ckpt: CheckPoint) -> dict:
     return flat
 
 
-def save(path_or_file, ckpt: CheckPoint) -> None:
-    """Writes the official format (atomically when given a path)."""
+def save(path_or_file, ckpt: CheckPoint, storage_options: Optional[dict] = None) -> None:
+    """Writes the official format (atomically when given a path or a URL such as gs://...)."""
     flat = to_flat_dict(ckpt)
-    if isinstance(path_or_file, (str, os.PathLike)):
+    if isinstance(path_or_file, str) and files.is_url(path_or_file):
+        buffer = io.BytesIO()
+        np.savez(buffer, **flat)
+        files.write_bytes(path_or_file, buffer.getvalue(), storage_options)
+    elif isinstance(path_or_file, (str, os.PathLike)):
         tmp = f"{path_or_file}.tmp-{os.getpid()}"
         with open(tmp, "wb") as f:
             np.savez(f, **flat)
@@ -83,8 +89,7 @@ def save(path_or_file, ckpt: CheckPoint) -> None:
         np.savez(path_or_file, **flat)
 
 
-def _read_flat(path_or_file) -> dict:
-    name = path_or_file if isinstance(path_or_file, (str, os.PathLike)) else "<file object>"
+def _read_flat(path_or_file, name: str) -> dict:
     try:
         with np.load(path_or_file, allow_pickle=False) as data:
             flat = {}
@@ -136,10 +141,16 @@ def _dataclass_from(cls, entries: Mapping[str, np.ndarray], name: str, path: str
     return cls(**values)
 
 
-def load(path_or_file) -> CheckPoint:
-    """Reads an official (or our) checkpoint into a `CheckPoint`."""
+def load(path_or_file, storage_options: Optional[dict] = None) -> CheckPoint:
+    """Reads an official (or our) checkpoint into a `CheckPoint`, from a path, a URL (e.g.
+    gs://dm_graphcast/params/<name with spaces>.npz) or a file object."""
     path = str(path_or_file) if isinstance(path_or_file, (str, os.PathLike)) else "<file object>"
-    flat = _read_flat(path_or_file)
+    if isinstance(path_or_file, str) and files.is_url(path_or_file):
+        try:
+            path_or_file = io.BytesIO(files.read_bytes(path_or_file, storage_options))
+        except (FileNotFoundError, PermissionError) as e:
+            raise CheckpointError(f"Cannot read checkpoint: {e}") from e
+    flat = _read_flat(path_or_file, path)
     params = {}
     for key, value in _nest(flat, "params").items():
         module, _, name = key.rpartition(SEPARATOR)

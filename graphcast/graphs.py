@@ -8,6 +8,7 @@ npz cache (no pickle) keyed by everything the graphs depend on lets restarts ski
 
 import dataclasses
 import hashlib
+import io
 import os
 import tempfile
 from typing import Optional
@@ -17,6 +18,7 @@ import numpy as np
 from graphcast import config as config_lib
 from graphcast import connectivity
 from graphcast import features
+from graphcast import files
 from graphcast import icosahedral_mesh
 
 # Bump when the construction or the stored fields change, so old caches are ignored.
@@ -128,7 +130,13 @@ def cache_key(model_config: config_lib.ModelConfig, grid_lat: np.ndarray,
 
 
 def _save(path: str, graphs: StaticGraphs) -> None:
-    """Write atomically (temp file + rename) so a crash never leaves a half-written cache."""
+    """Write atomically (temp file + rename, or one object upload) so a crash never leaves a
+    half-written cache."""
+    if files.is_url(path):
+        buffer = io.BytesIO()
+        np.savez(buffer, **{k: np.asarray(v) for k, v in dataclasses.asdict(graphs).items()})
+        files.write_bytes(path, buffer.getvalue())
+        return
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, suffix=".npz.tmp")
@@ -143,7 +151,8 @@ def _save(path: str, graphs: StaticGraphs) -> None:
 
 
 def _load(path: str) -> StaticGraphs:
-    with np.load(path, allow_pickle=False) as z:
+    source = io.BytesIO(files.read_bytes(path)) if files.is_url(path) else path
+    with np.load(source, allow_pickle=False) as z:
         values = {}
         for field in dataclasses.fields(StaticGraphs):
             if field.name not in z.files:
@@ -164,8 +173,8 @@ def build_graphs(model_config: config_lib.ModelConfig, grid_lat: np.ndarray,
     """
     if cache_dir is None:
         return _build(model_config, grid_lat, grid_lon)
-    path = os.path.join(cache_dir, f"graphs_{cache_key(model_config, grid_lat, grid_lon)}.npz")
-    if os.path.exists(path):
+    path = files.join(cache_dir, f"graphs_{cache_key(model_config, grid_lat, grid_lon)}.npz")
+    if files.exists(path):
         return _load(path)
     graphs = _build(model_config, grid_lat, grid_lon)
     _save(path, graphs)

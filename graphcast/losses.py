@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from graphcast import config as config_lib
 
 
 def latitude_weights(lat: np.ndarray) -> np.ndarray:

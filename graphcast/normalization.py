@@ -7,14 +7,15 @@ is predicted directly with the input statistics. Everything runs in float32.
 """
 
 import dataclasses
-import os
-from typing import Mapping
+import io
+from typing import Mapping, Optional
 
 import jax
 import numpy as np
 import xarray as xr
 
 from graphcast import config as config_lib
+from graphcast import files
 
 STATS_FILES = {"mean": "mean_by_level.nc", "stddev": "stddev_by_level.nc",
                "diffs_stddev": "diffs_stddev_by_level.nc"}
@@ -88,15 +89,21 @@ def check_values(stats: Stats, task_config: config_lib.TaskConfig,
                     "(python -m data.stats) from finite data.")
 
 
-def load_stats(stats_dir: str, task_config: config_lib.TaskConfig) -> Stats:
-    """Reads `mean_by_level.nc`, `stddev_by_level.nc`, `diffs_stddev_by_level.nc` from a folder."""
+def load_stats(stats_dir: str, task_config: config_lib.TaskConfig,
+               storage_options: Optional[dict] = None) -> Stats:
+    """Reads `mean_by_level.nc`, `stddev_by_level.nc`, `diffs_stddev_by_level.nc` from a folder
+    or URL prefix (e.g. gs://dm_graphcast/stats)."""
     datasets = {}
     for kind, filename in STATS_FILES.items():
-        path = os.path.join(stats_dir, filename)
-        if not os.path.exists(path):
+        path = files.join(stats_dir, filename)
+        try:
+            data = files.read_bytes(path, storage_options)
+        except FileNotFoundError as e:
             raise StatsError(f"Normalization statistics file {path} does not exist; expected "
-                             f"{sorted(STATS_FILES.values())} in {stats_dir}.")
-        datasets[kind] = xr.load_dataset(path)
+                             f"{sorted(STATS_FILES.values())} in {stats_dir}.") from e
+        except PermissionError as e:
+            raise StatsError(f"Reading normalization statistics: {e}") from e
+        datasets[kind] = xr.load_dataset(io.BytesIO(data))
     return stats_from_datasets(datasets, task_config, source=stats_dir)
 
 

@@ -3,6 +3,8 @@
     python -m graphcast.predict --checkpoint CKPT.npz --dataset DATA.nc --stats-dir DIR \
         --steps N --output OUT.nc [--bf16]
 
+Every path may also be a URL (gs://bucket/name; spaces in names are fine).
+
 The dataset has dims `batch, time, [level,] lat, lon` and a `datetime` coordinate. Inputs,
 targets and forcings are extracted exactly as the reference does for target lead times
 6 h .. 6N h (anchored on the end of the file); the predictions are written in the targets'
@@ -10,6 +12,7 @@ layout, with lead times as the `time` coordinate.
 """
 
 import argparse
+import io
 import logging
 import os
 import time
@@ -22,6 +25,7 @@ import xarray as xr
 from graphcast import checkpoint as checkpoint_lib
 from graphcast import data_utils
 from graphcast import exit_status
+from graphcast import files
 from graphcast import normalization
 from graphcast import rollout
 
@@ -49,7 +53,14 @@ def check_finite_inputs(arrays: dict, times, what: str, path: str) -> None:
 
 
 def check_output(path: str) -> None:
-    """The output's directory exists and is writable, before any forecast is computed."""
+    """The output's directory exists and is writable, before any forecast is computed. A URL is
+    tested by writing the (empty) output object, which the forecast then overwrites."""
+    if files.is_url(path):
+        try:
+            files.write_bytes(path, b"")
+        except Exception as e:  # noqa: BLE001 -- missing bucket, 403, unreachable: name the URL
+            raise OutputLocationError(f"--output {path} cannot be written: {e}") from e
+        return
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
         raise OutputLocationError(f"--output {path}: directory {directory} does not exist or is "
@@ -114,13 +125,17 @@ def _run(args) -> None:
     checkpoint_lib.check_finite(ckpt, source=args.checkpoint)
     stats = normalization.load_stats(args.stats_dir, ckpt.task_config)
     try:
-        dataset = xr.load_dataset(args.dataset)
+        dataset = xr.load_dataset(io.BytesIO(files.read_bytes(args.dataset))) \
+            if files.is_url(args.dataset) else xr.load_dataset(args.dataset)
     except Exception as e:  # noqa: BLE001 -- empty, truncated or not netCDF: name the file
         raise InputDataError(f"--dataset {args.dataset} is not a readable netCDF file: {e}") from e
     start = time.time()
     predictions = predict_dataset(ckpt, dataset, stats, args.steps, bf16=args.bf16,
                                   source=args.dataset)
-    predictions.to_netcdf(args.output)
+    if files.is_url(args.output):
+        files.write_bytes(args.output, predictions.to_netcdf(engine="h5netcdf"))
+    else:
+        predictions.to_netcdf(args.output)
     logging.info("Wrote %d steps of %s to %s in %.1f s.", args.steps,
                  sorted(predictions.data_vars), args.output, time.time() - start)
 

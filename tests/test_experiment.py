@@ -46,7 +46,8 @@ def tiny_config(sample: str, checkpoint_dir: str, steps: int, batch: int = 2):
                          eval_start="2020-01-14", eval_end="2020-01-20"))
     exp.optimizer.update(dict(warmup_steps=2, peak_lr=3e-3, decay_steps=1000, ar_end=2))
     exp.eval.update(dict(num_batches=1, batch_size=2, rollout_steps=2, figure_lead_step=2,
-                         headline_lead_step=2, at_end=False))
+                         headline_lead_step=2, at_end=False,
+                         climatology=f"{sample}/climatology.zarr"))
     exp.training.logdir = os.path.join(checkpoint_dir, "tb")
     return config
 
@@ -184,6 +185,7 @@ def _cli_overrides(sample, checkpoint_dir, steps, batch):
             "--config.experiment_kwargs.config.task.pressure_levels=(500,850)",
             f"--config.experiment_kwargs.config.data.source={sample}/era5_sample.zarr",
             f"--config.experiment_kwargs.config.data.stats_dir={sample}/stats",
+            f"--config.experiment_kwargs.config.eval.climatology={sample}/climatology.zarr",
             "--config.experiment_kwargs.config.data.generate_sample_dir=",
             f"--config.experiment_kwargs.config.data.global_batch_size={batch}",
             "--config.experiment_kwargs.config.data.train_end=2020-01-13",

@@ -86,7 +86,7 @@ class MetricsAccumulator:
                 self._add(key + ("err",), self._wmean(p - t))
                 if persist is not None:
                     self._add(key + ("pse",), self._wmean((pick(persist) - t) ** 2))
-                if clim is not None:
+                if clim is not None and not np.isnan(pick(clim)).any():  # NaN: level not held
                     c = pick(clim)
                     ap, at = p - c, t - c
                     acc = self._wmean(ap * at) / np.sqrt(self._wmean(ap ** 2) * self._wmean(at ** 2))
@@ -210,8 +210,11 @@ def mean_skill(metrics: Mapping[str, float]) -> float:
 
 
 def summary_table(metrics: Mapping[str, float], step: int, lead_hours: Sequence[int]) -> str:
-    """Console table: RMSE of the model vs persistence for the headline variables."""
-    lines = [f"Evaluation at step {step}: lat-weighted RMSE (model / persistence, skill)"]
+    """Console table: RMSE of the model vs persistence for the headline variables, and the ACC
+    where a climatology gave one."""
+    with_acc = any(k.startswith("acc/") for k in metrics)
+    lines = [f"Evaluation at step {step}: lat-weighted RMSE (model / persistence, skill)"
+             + (", ACC" if with_acc else "")]
     for (name, level), short in HEADLINE.items():
         cells = []
         for lead in lead_hours:
@@ -220,42 +223,96 @@ def summary_table(metrics: Mapping[str, float], step: int, lead_hours: Sequence[
                 continue
             model = metrics[f"rmse/{suffix}"]
             base = metrics.get(f"persistence_rmse/{suffix}")
+            acc = metrics.get(f"acc/{suffix}")
             cells.append(f"+{lead}h {model:.4g}" + (f" / {base:.4g} ({1 - model / base:+.0%})"
-                                                     if base else ""))
+                                                     if base else "")
+                         + (f" ACC {acc:.3f}" if acc is not None else ""))
         if cells:
             lines.append(f"  {short:>5}: " + "; ".join(cells))
     return "\n".join(lines)
 
 
 class Climatology:
-    """A climatology dataset (WeatherBench2 style: dims dayofyear, hour, [level,] lat, lon).
+    """A climatology store (WeatherBench2 layout: dims dayofyear 1..366, hour, [level,] latitude,
+    longitude), local or gs://, on the model's grid.
 
+    A climatology on a grid k times finer than the model's is brought to it the way the data are
+    (every k-th point); any other grid is a GridMismatchError. Targets or levels it lacks get no
+    ACC (logged).
     `at(init_times, lead_hours)` returns the values at every forecast's valid time, for ACC.
     """
 
-    def __init__(self, path: str, task_config):
-        import xarray as xr  # pylint: disable=import-outside-toplevel
-        ds = xr.open_zarr(path) if not path.endswith(".nc") else xr.open_dataset(path)
-        ds = ds.rename({k: v for k, v in {"latitude": "lat", "longitude": "lon"}.items() if k in ds.dims})
-        missing = [v for v in task_config.target_variables if v not in ds]
-        if missing:
-            raise ValueError(f"Climatology {path} has no {missing}; it needs every target variable.")
-        if "level" in ds.dims:
-            ds = ds.sel(level=list(task_config.pressure_levels))
-        self._ds = ds.sortby("lat")[list(task_config.target_variables)]
+    def __init__(self, url: str, task_config, lat: np.ndarray, lon: np.ndarray,
+                 storage_options: Optional[dict] = None):
+        from absl import logging  # pylint: disable=import-outside-toplevel
+        from data import sources, validate  # pylint: disable=import-outside-toplevel
+        ds = sources.open_raw(url, storage_options=storage_options)
+        ds = ds.rename({k: v for k, v in sources.RENAMES.items() if k in ds.variables})
+        missing_dims = [d for d in ("dayofyear", "hour", "lat", "lon") if d not in ds.dims]
+        if missing_dims:
+            raise validate.DimensionError(
+                f"Climatology {url} has no {missing_dims} dimension(s) (dims {dict(ds.sizes)}); "
+                "expected WeatherBench2's layout: dayofyear, hour, [level,] latitude, longitude.")
+        names = [v for v in task_config.target_variables if v in ds.data_vars]
+        absent = [v for v in task_config.target_variables if v not in ds.data_vars]
+        if not names:
+            raise validate.MissingVariablesError(
+                f"Climatology {url} holds none of the target variables "
+                f"{list(task_config.target_variables)} (it has {sorted(ds.data_vars)}).")
+        if absent:
+            logging.warning("Climatology %s has no %s: no ACC for them.", url, absent)
+        if any("level" in ds[v].dims for v in names):
+            levels = list(task_config.pressure_levels)
+            have = [int(x) for x in ds["level"].values] if "level" in ds.coords else []
+            absent = [x for x in levels if x not in have]
+            if len(absent) == len(levels):
+                raise validate.MissingLevelsError(
+                    f"Climatology {url} has none of the task's pressure levels {levels} "
+                    f"(it has {have}).")
+            if absent:
+                logging.warning("Climatology %s has no pressure levels %s: no ACC there.",
+                                url, absent)
+            ds = ds.assign_coords(level=np.asarray(have)).reindex(level=levels)  # NaN if absent
+        ds = ds[names]
+        if validate.check_latitude(ds["lat"].values, url) < 0:
+            ds = ds.isel(lat=slice(None, None, -1))
+        if validate.check_longitude(ds["lon"].values, url):
+            ds = ds.assign_coords(lon=ds["lon"].values % 360).sortby("lon")
+        spacing = abs(float(lat[1] - lat[0]))
+        ds = sources.subsample(ds, spacing, f"climatology {url}")
+        if not (np.allclose(ds["lat"].values, lat, atol=1e-3)
+                and np.allclose(ds["lon"].values, lon, atol=1e-3)):
+            raise validate.GridMismatchError(
+                f"Climatology {url} is on another grid than the model's: latitudes "
+                f"{float(ds['lat'][0]):g}..{float(ds['lat'][-1]):g}, longitudes from "
+                f"{float(ds['lon'][0]):g} after taking every k-th point; the model's grid has "
+                f"{float(lat[0]):g}..{float(lat[-1]):g} and {float(lon[0]):g}.")
+        self.url = url
+        self._ds = ds
+        self._doy = {int(d): i for i, d in enumerate(ds["dayofyear"].values)}
+        self._hour = {int(h): i for i, h in enumerate(ds["hour"].values)}
+
+    def _position(self, valid: "np.datetime64") -> tuple:
+        import pandas as pd  # pylint: disable=import-outside-toplevel
+        from data import validate  # pylint: disable=import-outside-toplevel
+        t = pd.Timestamp(valid)
+        if t.day_of_year not in self._doy or t.hour not in self._hour:
+            raise validate.DataValidationError(f"Climatology {self.url} has no entry for valid time {t} (day of year "
+                             f"{t.day_of_year}, hour {t.hour}); it has days of year "
+                             f"{min(self._doy)}..{max(self._doy)} and hours {sorted(self._hour)}.")
+        return self._doy[t.day_of_year], self._hour[t.hour]
 
     def at(self, init_times: np.ndarray, lead_hours: Sequence[int]) -> dict:
-        """{var: [B, T, (L), H, W]} for valid times init_time + lead."""
-        import pandas as pd  # pylint: disable=import-outside-toplevel
-        import xarray as xr  # pylint: disable=import-outside-toplevel
-        valid = pd.DatetimeIndex(np.add.outer(np.asarray(init_times, "datetime64[ns]"),
-                                              np.array(lead_hours, "timedelta64[h]")).ravel())
-        shape = (len(init_times), len(lead_hours))
-        picked = self._ds.sel(dayofyear=xr.DataArray(valid.dayofyear, dims="t"),
-                              hour=xr.DataArray(valid.hour, dims="t"))
-        out = {}
-        for name, da in picked.data_vars.items():
-            dims = ["t"] + (["level"] if "level" in da.dims else []) + ["lat", "lon"]
-            values = np.asarray(da.transpose(*dims).values, np.float32)
-            out[name] = values.reshape(shape + values.shape[1:])
-        return out
+        """{var: [B, T, (L), H, W]} float32 at valid times init_time + lead (day of year and hour
+        of each valid time); each distinct (day, hour) is read once."""
+        valid = np.add.outer(np.asarray(init_times, "datetime64[ns]"),
+                             np.array(lead_hours, "timedelta64[h]"))
+        positions = [self._position(v) for v in valid.ravel()]
+        fields = {}
+        for key in dict.fromkeys(positions):
+            frame = self._ds.isel(dayofyear=key[0], hour=key[1]).load()
+            fields[key] = {name: np.asarray(frame[name].transpose(
+                *([d for d in ("level",) if d in frame[name].dims] + ["lat", "lon"])).values,
+                np.float32) for name in frame.data_vars}
+        return {name: np.stack([fields[k][name] for k in positions]).reshape(
+            valid.shape + fields[positions[0]][name].shape) for name in self._ds.data_vars}

@@ -5,8 +5,9 @@ is written. Every mode (train, eval, export) runs the checks that apply to it:
   impossible values (non-positive sizes and steps, zero workers, `max_checkpoints_to_keep < 1`,
   a mesh too large for any accelerator), batches that do not split over the devices.
 * `check_inputs`: statistics (present, finite, positive spreads), the fine-tuning checkpoint
-  (readable, finite, matching), the climatology, rollouts longer than a split holds, and the
-  first example (NaN/Inf). Reading the source costs metadata plus one example.
+  (readable, finite, matching), the climatology (present, holding the targets, on a grid the
+  model's can be read from), rollouts longer than a split holds, and the first example
+  (NaN/Inf). Reading the source costs metadata plus one example.
 * `check_writable`: an output location (checkpoint directory, export path) is reachable and
   writable, tested by writing a probe within a bounded time.
 
@@ -31,6 +32,8 @@ from data import validate
 from graphcast import checkpoint as gc_checkpoint
 from graphcast import config as gc_config
 from graphcast import normalization
+from training import data_input
+from training import evaluation
 from training import optim
 
 
@@ -214,7 +217,8 @@ def check_mesh(mesh_size, latent_size: int) -> None:
 
 
 def check_rollouts(source, config, ar_steps: int, with_eval: bool) -> None:
-    """Train split fits `ar_steps`-step examples; eval split (if evaluated) eval.rollout_steps."""
+    """Train split (if trained on: ar_steps > 0) fits `ar_steps`-step examples; eval split (if
+    evaluated) eval.rollout_steps."""
     data, task = config.experiment_kwargs.config.data, source.task
     times = source.dataset["time"].values
     wanted = {"train": ((data.train_start, data.train_end), ar_steps)} if ar_steps else {}
@@ -230,25 +234,26 @@ def check_rollouts(source, config, ar_steps: int, with_eval: bool) -> None:
 
 
 def check_init_checkpoint(path: str, model_config, task_config, lat: np.ndarray,
-                          source: str) -> None:
+                          source: str, storage_options: Optional[dict] = None) -> None:
     """The fine-tuning checkpoint is a readable official .npz of finite parameters that fits the
     model, task and grid."""
     if not path:
         return
-    ckpt = gc_checkpoint.load(path)  # CheckpointError: truncated, corrupt, object arrays
+    # CheckpointError: missing, refused, truncated, corrupt, object arrays
+    ckpt = gc_checkpoint.load(path, storage_options)
     gc_checkpoint.check_matches(ckpt, model_config, task_config, source=path)
     gc_checkpoint.check_grid(ckpt, lat, source=source)
     gc_checkpoint.check_finite(ckpt, source=path)
 
 
-def check_climatology(path: str, task_config) -> None:
-    """eval.climatology opens and holds every target variable (read at the first evaluation,
-    which may come only after the whole training run)."""
+def check_climatology(path: str, task_config, source, data_cfg) -> None:
+    """eval.climatology opens, holds the targets and fits the model grid (otherwise it would be
+    read only at the first evaluation, which may come after the whole training run)."""
     if not path:
         return
-    from training import evaluation  # pylint: disable=import-outside-toplevel
     try:
-        evaluation.Climatology(path, task_config)
+        evaluation.Climatology(path, task_config, source.lat, source.lon,
+                               data_input.storage_options(data_cfg, path))
     except Exception as e:  # noqa: BLE001 -- whatever the reader raises, name the field and path
         raise ClimatologyError(f"eval.climatology={path} cannot be used: "
                                f"{type(e).__name__}: {e}") from e
@@ -260,12 +265,16 @@ def check_inputs(config, model_config, task_config, ar_steps: int, source,
     `source`; ar_steps: the longest training rollout (0: the mode does not train); with_eval:
     the run evaluates (its eval split must fit eval.rollout_steps)."""
     exp = config.experiment_kwargs.config
-    normalization.load_stats(exp.data.stats_dir, task_config)  # StatsError: var/level/value
+    stats_dir, init_checkpoint = exp.data.stats_dir, exp.training.init_checkpoint
+    # StatsError naming the file/URL, variable, level or value
+    normalization.load_stats(stats_dir, task_config,
+                             data_input.storage_options(exp.data, stats_dir))
     if ar_steps:
-        check_init_checkpoint(exp.training.init_checkpoint, model_config, task_config,
-                              source.lat, exp.data.source)
+        check_init_checkpoint(init_checkpoint, model_config, task_config, source.lat,
+                              exp.data.source, data_input.storage_options(exp.data,
+                                                                          init_checkpoint))
     if with_eval:
-        check_climatology(exp.eval.climatology, task_config)
+        check_climatology(exp.eval.climatology, task_config, source, exp.data)
     check_rollouts(source, config, ar_steps, with_eval)
     source.example_batch()  # NaNDataError naming variable and time if the first chunk has one
 
