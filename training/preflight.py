@@ -253,7 +253,7 @@ def check_climatology(path: str, task_config, source, data_cfg) -> None:
         return
     try:
         evaluation.Climatology(path, task_config, source.lat, source.lon,
-                               data_input.storage_options(data_cfg, path))
+                               data_input.storage_options(data_cfg, path) or None)
     except Exception as e:  # noqa: BLE001 -- whatever the reader raises, name the field and path
         raise ClimatologyError(f"eval.climatology={path} cannot be used: "
                                f"{type(e).__name__}: {e}") from e
