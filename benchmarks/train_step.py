@@ -1,11 +1,15 @@
-"""Time and size one GraphCast training step (loss, gradients, AdamW update).
+"""Time and size one GraphCast training step: the experiment's update (graphcast.update).
 
     python benchmarks/train_step.py --resolution 1.0 --levels 13 --mesh-size 4 --latent 64 \
         --msg-steps 4 --hidden-layers 1 --batch 1 --ar-steps 1 --iters 5 [--bf16] [--json]
 
 `--compile-only` lowers and compiles with abstract parameters and batch, so full-size
 configurations can be sized on a small machine (XLA's memory analysis: temp, argument,
-output bytes). Random data and unit statistics: the figures depend only on shapes.
+output bytes). `--target tpu-v4|tpu-v5p|h100|a100` compiles for that accelerator instead of
+this machine's CPU (ahead of time, no hardware; needs the `aot-tpu` / `aot-gpu` extra) and
+implies `--compile-only`. Matmul FLOPs are counted from the traced step through its loops:
+`model_flops` without rematerialization, `executed_flops` with it. Random data and unit
+statistics: the figures depend only on shapes.
 """
 
 import argparse
@@ -17,15 +21,31 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from graphcast import config as config_lib
+from graphcast import flops
 from graphcast import memory
 from graphcast import rollout
+from graphcast import targets
+from graphcast import update
 
 
 def bench_task(levels: int) -> config_lib.TaskConfig:
     return dataclasses.replace(config_lib.TASK_13, pressure_levels=config_lib.PRESSURE_LEVELS[levels])
+
+
+def step_flops(predictor: rollout.Predictor, direction, abstract_args) -> dict:
+    """Matmul FLOPs of the update: executed (with the predictor's remat) and model (without)."""
+    executed = flops.matmul_flops(update.update_fn(predictor, direction), *abstract_args)
+    plain = rollout.Predictor(predictor.model_config, predictor.task_config, predictor.stats,
+                              predictor.grid_lat, predictor.grid_lon, bf16=predictor.bf16,
+                              remat_steps=False, remat_blocks=False,
+                              block_size=predictor.block_size,
+                              split_first_layer=predictor.split_first_layer,
+                              graphs=predictor.graphs)
+    model = flops.matmul_flops(update.update_fn(plain, direction), *abstract_args)
+    return {"model_flops": model["flops"], "executed_flops": executed["flops"],
+            "flops_while_loops_counted_once": executed["while_loops"]}
 
 
 def main() -> None:
@@ -50,9 +70,19 @@ def main() -> None:
                    help="concatenate-then-multiply edge MLPs (the reference's formulation)")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--compile-only", action="store_true")
+    p.add_argument("--target", choices=sorted(targets.TARGETS), default="cpu",
+                   help="compile for this device's compiler and memory model (ahead of time)")
+    p.add_argument("--gpu-spec-dir", default=None,
+                   help="directory of XLA GPU spec files <card>.txtpb (h100, a100 targets)")
     p.add_argument("--graph-cache-dir", default=None)
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
+    if args.target != "cpu":
+        args.compile_only = True
+    try:
+        device = targets.target_device(args.target, args.gpu_spec_dir)
+    except (ValueError, targets.MissingExtraError) as e:
+        p.error(str(e))
 
     model_config = config_lib.ModelConfig(
         resolution=args.resolution, mesh_size=args.mesh_size, latent_size=args.latent,
@@ -71,16 +101,20 @@ def main() -> None:
                                   graph_cache_dir=args.graph_cache_dir)
     graph_s = time.perf_counter() - t0
 
-    optimizer = optax.adamw(1e-3, b1=0.9, b2=0.95, weight_decay=0.1)
+    direction = update.make_direction()
     t0 = time.perf_counter()
-    compiled, abstract_batch, abstract_params = memory.compile_train_step(
-        predictor, batch=args.batch, ar_steps=args.ar_steps, optimizer=optimizer)
+    compiled, abstract_args = memory.compile_train_step(
+        predictor, batch=args.batch, ar_steps=args.ar_steps, direction=direction, device=device)
     compile_s = time.perf_counter() - t0
+    abstract_params, _, abstract_batch, _ = abstract_args
     result = {
+        "target": args.target,
         "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract_params))),
         "graph_build_s": graph_s,
         "compile_s": compile_s,
         **memory.memory_report(compiled),
+        "device_memory_bytes": targets.device_memory_bytes(args.target),
+        **step_flops(predictor, direction, abstract_args),
         "config": vars(args),
     }
     if not args.compile_only:
@@ -88,17 +122,18 @@ def main() -> None:
         batch = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape, np.float32)),
                              abstract_batch)
         params = predictor.init(jax.random.PRNGKey(0), batch)
-        opt_state = optimizer.init(params)
-        params, opt_state, loss = compiled(params, opt_state, batch)  # warm-up
-        loss.block_until_ready()
+        opt_state = direction.init(params)
+        lr = jnp.float32(1e-3)
+        params, opt_state, scalars = compiled(params, opt_state, batch, lr)  # warm-up
+        scalars["loss"].block_until_ready()
         times = []
         for _ in range(args.iters):
             t0 = time.perf_counter()
-            params, opt_state, loss = compiled(params, opt_state, batch)
-            loss.block_until_ready()
+            params, opt_state, scalars = compiled(params, opt_state, batch, lr)
+            scalars["loss"].block_until_ready()
             times.append(time.perf_counter() - t0)
         result.update(step_s_median=statistics.median(times), step_s_min=min(times),
-                      loss=float(loss))
+                      loss=float(scalars["loss"]))
     if args.json:
         print(json.dumps(result))
     else:

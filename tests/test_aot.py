@@ -1,0 +1,116 @@
+"""The shared training update, the loop-aware FLOP counter and ahead-of-time targets."""
+
+import importlib.util
+import inspect
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from graphcast import flops, targets, update
+from training import optim
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--resolution", "6", "--mesh-size", "1", "--latent", "8", "--msg-steps", "1",
+        "--levels", "13", "--ar-steps", "2", "--block-size", "0", "--json"]
+
+
+def _scan_of_two_matmuls(checkpoint: bool):
+    def f(x, w):
+        layer = lambda c: jnp.tanh(c @ w) @ w.T
+        layer = jax.checkpoint(layer) if checkpoint else layer
+        return jax.lax.scan(lambda c, _: (layer(c), None), x, None, length=7)[0].sum()
+    return f
+
+
+def test_flop_counter_counts_every_scan_iteration_and_recomputation():
+    x, w = jnp.ones((3, 4)), jnp.ones((4, 5))
+    one_matmul = 2 * 3 * 4 * 5
+    forward = flops.matmul_flops(_scan_of_two_matmuls(False), x, w)
+    assert forward == {"flops": 7 * 2 * one_matmul, "while_loops": 0}
+    # Backward of each matmul: two matmuls of the same size (w.r.t. input and weight).
+    model = flops.matmul_flops(jax.grad(_scan_of_two_matmuls(False), argnums=1), x, w)
+    assert model["flops"] == 3 * forward["flops"]
+    # With remat the first matmul is recomputed (the second's output is not needed backward).
+    executed = flops.matmul_flops(jax.grad(_scan_of_two_matmuls(True), argnums=1), x, w)
+    assert executed["flops"] == model["flops"] + 7 * one_matmul
+    # Why the counter exists: XLA's cost analysis counts the loop body once.
+    xla = jax.jit(_scan_of_two_matmuls(False)).lower(x, w).compile().cost_analysis()
+    xla = xla[0] if isinstance(xla, list) else xla
+    assert xla["flops"] < forward["flops"] / 2
+
+
+def test_flop_counter_reports_while_loops_it_cannot_unroll():
+    def f(x):
+        return jax.lax.while_loop(lambda c: c[1] < 3, lambda c: (c[0] @ c[0], c[1] + 1),
+                                  (x, 0))[0]
+    assert flops.matmul_flops(f, jnp.ones((2, 2))) == {"flops": 16, "while_loops": 1}
+
+
+def test_experiment_optimizer_defaults_are_the_shared_updates():
+    """describe --memory and the benchmark size graphcast.update's default direction; it must be
+    the direction the experiment trains with by default."""
+    defaults = {k: p.default for k, p in inspect.signature(update.make_direction).parameters.items()}
+    cfg = optim.OptimConfig()
+    assert defaults == {k: getattr(cfg, k) for k in defaults}
+
+
+def test_update_skips_non_finite_steps_and_matches_adamw_otherwise():
+    params = {"lin": {"w": jnp.ones((2, 2)), "b": jnp.zeros((2,))}}
+
+    class Quadratic:  # the predictor interface update_fn needs: loss(params, batch)
+        @staticmethod
+        def loss(p, batch):
+            value = jnp.sum((batch["x"] @ p["lin"]["w"] + p["lin"]["b"]) ** 2)
+            return value, {"x": value}
+
+    direction = update.make_direction()
+    step = jax.jit(update.update_fn(Quadratic(), direction))
+    opt_state = direction.init(params)
+    new, _, scalars = step(params, opt_state, {"x": jnp.ones((1, 2))}, 1e-2)
+    assert int(scalars["update_skipped"]) == 0 and float(scalars["loss/x"]) == 8.0
+    assert not np.allclose(new["lin"]["w"], 1.0)
+    same, same_state, scalars = step(params, opt_state, {"x": jnp.full((1, 2), np.nan)}, 1e-2)
+    assert int(scalars["update_skipped"]) == 1
+    jax.tree.map(np.testing.assert_array_equal, (same, same_state), (params, opt_state))
+
+
+def test_unknown_target_is_named():
+    with pytest.raises(ValueError, match="tpu-v9.*expected one of"):
+        targets.target_device("tpu-v9")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is not None, reason="libtpu installed")
+def test_missing_tpu_compiler_names_the_extra():
+    with pytest.raises(targets.MissingExtraError, match=r'pip install -e "\.\[aot-tpu\]"'):
+        targets.target_device("tpu-v4")
+
+
+def _bench(*extra, python=sys.executable):
+    out = subprocess.run([python, os.path.join(ROOT, "benchmarks", "train_step.py"), *TINY,
+                          *extra], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": ROOT})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_benchmark_reports_target_memory_and_flops():
+    r = _bench("--compile-only")
+    assert r["target"] == "cpu"
+    assert r["total_bytes"] == (r["temp_bytes"] + r["argument_bytes"] + r["output_bytes"]
+                                - r["alias_bytes"])
+    # steps+blocks remat recomputes the forward pass: more executed than model FLOPs.
+    assert 0 < r["model_flops"] < r["executed_flops"] < 2 * r["model_flops"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason='needs the TPU compiler: pip install -e ".[aot-tpu]"')
+def test_benchmark_compiles_for_tpu_v4():
+    r = _bench("--target", "tpu-v4")
+    assert r["target"] == "tpu-v4" and r["device_memory_bytes"] == 32 * 2 ** 30
+    assert 0 < r["total_bytes"] < r["device_memory_bytes"]
