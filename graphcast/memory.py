@@ -79,12 +79,14 @@ def compile_train_step(predictor: rollout.Predictor, batch: int = 1, ar_steps: i
 
 
 def memory_report(compiled) -> dict:
-    """XLA's memory analysis of a compiled step, in bytes; `total_bytes` = what must fit."""
+    """XLA's memory analysis of a compiled step, in bytes; `total_bytes` = what must fit in
+    device memory (`host_temp_bytes`: what offloading puts in host memory instead)."""
     m = compiled.memory_analysis()
     report = {"temp_bytes": int(m.temp_size_in_bytes),
               "argument_bytes": int(m.argument_size_in_bytes),
               "output_bytes": int(m.output_size_in_bytes),
-              "alias_bytes": int(m.alias_size_in_bytes)}
+              "alias_bytes": int(m.alias_size_in_bytes),
+              "host_temp_bytes": int(getattr(m, "host_temp_size_in_bytes", 0))}
     report["total_bytes"] = (report["temp_bytes"] + report["argument_bytes"]
                              + report["output_bytes"] - report["alias_bytes"])
     return report
