@@ -9,6 +9,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["graphcast", "graphcast.*", "data", "data.*",
                                                 "training", "training.*", "configs"]),
     py_modules=["experiment"],
+    package_data={"graphcast": ["gpu_specs/*.txtpb"]},
     install_requires=[
         "numpy>=2.0",
         "scipy>=1.11",

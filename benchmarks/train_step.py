@@ -76,7 +76,8 @@ def main() -> None:
     p.add_argument("--target", choices=sorted(targets.TARGETS), default="cpu",
                    help="compile for this device's compiler and memory model (ahead of time)")
     p.add_argument("--gpu-spec-dir", default=None,
-                   help="directory of XLA GPU spec files <card>.txtpb (h100, a100 targets)")
+                   help="directory of XLA GPU spec files <card>.txtpb (h100, a100 targets; default: "
+                   "graphcast/gpu_specs)")
     p.add_argument("--graph-cache-dir", default=None)
     p.add_argument("--json", action="store_true")
     args = p.parse_args()

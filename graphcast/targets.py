@@ -14,6 +14,7 @@ import jax
 from jax.experimental import topologies
 
 GIB = 2 ** 30
+GPU_SPEC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_specs")
 
 # name -> (platform, topology settings, device memory in bytes)
 TARGETS = {
@@ -40,6 +41,12 @@ def _has_module(name: str) -> bool:
         return False
 
 
+def compiler_installed(name: str) -> bool:
+    """Whether the compiler for target `name` is installed (always, for "cpu")."""
+    platform = TARGETS[name][0]
+    return platform == "cpu" or _has_module(_EXTRA[platform][1])
+
+
 def device_memory_bytes(name: str) -> Optional[int]:
     """The target's device memory (None for the host CPU)."""
     return TARGETS[name][2]
@@ -48,8 +55,8 @@ def device_memory_bytes(name: str) -> Optional[int]:
 def target_device(name: str, gpu_spec_dir: Optional[str] = None):
     """A device of target `name` to compile for (the first local CPU device for "cpu").
 
-    GPU targets need XLA's GPU spec text for the card (`<spec>.txtpb`, a GpuTargetConfigProto)
-    in `gpu_spec_dir`. Raises ValueError for an unknown name, MissingExtraError naming the pip
+    GPU targets read XLA's GPU spec for the card (`<spec>.txtpb`, a GpuTargetConfigProto) from
+    `gpu_spec_dir`, by default the specs shipped in graphcast/gpu_specs. Raises ValueError for an unknown name, MissingExtraError naming the pip
     extra when the target's compiler is not installed."""
     if name not in TARGETS:
         raise ValueError(f"Unknown target {name!r}; expected one of {sorted(TARGETS)}.")
@@ -57,7 +64,7 @@ def target_device(name: str, gpu_spec_dir: Optional[str] = None):
     if platform == "cpu":
         return jax.devices("cpu")[0]
     extra, module = _EXTRA[platform]
-    if not _has_module(module):
+    if not compiler_installed(name):
         raise MissingExtraError(
             f"Target {name!r} needs the {platform.upper()} compiler ({module}), which is not "
             f"installed: pip install -e \".[{extra}]\" (into a separate virtualenv: it must not "
@@ -65,10 +72,7 @@ def target_device(name: str, gpu_spec_dir: Optional[str] = None):
     if platform == "tpu":
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         return topologies.get_topology_desc(platform="tpu", **settings).devices[0]
-    if not gpu_spec_dir:
-        raise ValueError(f"Target {name!r} needs XLA's GPU spec file {settings['spec']}.txtpb: "
-                         f"pass its directory (--gpu-spec-dir).")
-    path = os.path.join(gpu_spec_dir, settings["spec"] + ".txtpb")
+    path = os.path.join(gpu_spec_dir or GPU_SPEC_DIR, settings["spec"] + ".txtpb")
     if not os.path.exists(path):
         raise ValueError(f"Target {name!r}: GPU spec file {path} does not exist.")
     with open(path) as f:

@@ -1,7 +1,6 @@
 """The shared training update, the loop-aware FLOP counter and ahead-of-time targets."""
 
 import dataclasses
-import importlib.util
 import inspect
 import json
 import os
@@ -87,16 +86,16 @@ def test_unknown_target_is_named():
         targets.target_device("tpu-v9")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is not None, reason="libtpu installed")
+@pytest.mark.skipif(targets.compiler_installed("tpu-v4"), reason="libtpu installed")
 def test_missing_tpu_compiler_names_the_extra():
     with pytest.raises(targets.MissingExtraError, match=r'pip install -e "\.\[aot-tpu\]"'):
         targets.target_device("tpu-v4")
 
 
-def _bench(*extra, python=sys.executable):
-    out = subprocess.run([python, os.path.join(ROOT, "benchmarks", "train_step.py"), *TINY,
-                          *extra], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "PYTHONPATH": ROOT})
+def _bench(*extra, **env):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "train_step.py"),
+                          *TINY, *extra], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": ROOT, **env})
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -110,7 +109,7 @@ def test_benchmark_reports_target_memory_and_flops():
     assert 0 < r["model_flops"] < r["executed_flops"] < 2 * r["model_flops"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+@pytest.mark.skipif(not targets.compiler_installed("tpu-v4"),
                     reason='needs the TPU compiler: pip install -e ".[aot-tpu]"')
 def test_benchmark_compiles_for_tpu_v4_and_offloading_windows_saves_device_memory():
     # Windows big enough to matter: 4 deg grid, 4 steps.
@@ -142,3 +141,11 @@ def test_offloading_windows_leaves_loss_and_gradients_unchanged(bf16):
     results = [jax.jit(jax.value_and_grad(lambda p, q=q: q.loss(p, batch)[0]))(params)
                for q in (kept, offloaded)]
     jax.tree.map(np.testing.assert_array_equal, *results)
+
+
+@pytest.mark.skipif(not targets.compiler_installed("a100"),
+                    reason='needs the CUDA compiler: pip install -e ".[aot-gpu]"')
+def test_benchmark_compiles_for_a100_from_the_shipped_spec():
+    r = _bench("--target", "a100", JAX_PLATFORMS="cpu")  # no GPU needed: compile only
+    assert r["target"] == "a100" and r["device_memory_bytes"] == 40 * 10 ** 9
+    assert 0 < r["total_bytes"] < r["device_memory_bytes"]
