@@ -150,7 +150,7 @@ class Experiment(jl_experiment.AbstractExperiment):
             self._predictor = rollout.Predictor(
                 self.model_config, self.task_config, stats, self.source.lat, self.source.lon,
                 bf16=training.bf16, remat_steps=training.remat_steps,
-                offload_windows=training.get("offload_windows", False),
+                offload_windows=training.offload_windows,
                 remat_blocks=training.remat_blocks, block_size=training.block_size or None,
                 graph_cache_dir=self.config.data.graph_cache_dir or None)
         return self._predictor

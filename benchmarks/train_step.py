@@ -81,6 +81,8 @@ def main() -> None:
     p.add_argument("--graph-cache-dir", default=None)
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
+    if args.offload_windows and "steps" not in args.remat:
+        p.error("--offload-windows needs step remat (--remat steps or steps+blocks).")
     if args.target != "cpu":
         args.compile_only = True
     try:

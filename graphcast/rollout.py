@@ -95,6 +95,9 @@ class Predictor:
         self.bf16 = bf16
         self.remat_steps = remat_steps
         self.remat_blocks = remat_blocks
+        if offload_windows and not remat_steps:
+            raise ValueError("offload_windows=True needs remat_steps=True: the offloaded windows "
+                             "are what each rematerialized step is recomputed from.")
         self.offload_windows = offload_windows
         self.block_size = block_size
         self.split_first_layer = split_first_layer

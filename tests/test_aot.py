@@ -141,6 +141,9 @@ def test_offloading_windows_leaves_loss_and_gradients_unchanged(bf16):
     results = [jax.jit(jax.value_and_grad(lambda p, q=q: q.loss(p, batch)[0]))(params)
                for q in (kept, offloaded)]
     jax.tree.map(np.testing.assert_array_equal, *results)
+    with pytest.raises(ValueError, match="offload_windows=True needs remat_steps=True"):
+        rollout.Predictor(model, task, kept.stats, lat, lon, graphs=kept.graphs,
+                          remat_steps=False, offload_windows=True)
 
 
 @pytest.mark.skipif(not targets.compiler_installed("a100"),
