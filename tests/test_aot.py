@@ -111,6 +111,7 @@ def test_benchmark_reports_target_memory_and_flops():
 
 @pytest.mark.skipif(not targets.compiler_installed("tpu-v4"),
                     reason='needs the TPU compiler: pip install -e ".[aot-tpu]"')
+@pytest.mark.slow
 def test_benchmark_compiles_for_tpu_v4_and_offloading_windows_saves_device_memory():
     # Windows big enough to matter: 4 deg grid, 4 steps.
     larger = ["--resolution", "4", "--mesh-size", "2", "--latent", "64", "--msg-steps", "4",
@@ -123,6 +124,7 @@ def test_benchmark_compiles_for_tpu_v4_and_offloading_windows_saves_device_memor
     assert offloaded["host_temp_bytes"] > kept["host_temp_bytes"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bf16", [False, True])
 def test_offloading_windows_leaves_loss_and_gradients_unchanged(bf16):
     task = dataclasses.replace(config_lib.TASK_13,
