@@ -30,7 +30,6 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxline import base_config as jl_base_config
@@ -45,6 +44,7 @@ from graphcast import exit_status
 from graphcast import memory
 from graphcast import normalization
 from graphcast import rollout
+from graphcast import update as gc_update
 from training import checkpointer as ckpt_lib
 from training import compat
 from training import data_input
@@ -152,6 +152,7 @@ class Experiment(jl_experiment.AbstractExperiment):
             self._predictor = rollout.Predictor(
                 self.model_config, self.task_config, stats, self.source.lat, self.source.lon,
                 bf16=training.bf16, remat_steps=training.remat_steps,
+                offload_windows=training.offload_windows,
                 remat_blocks=training.remat_blocks, block_size=training.block_size or None,
                 graph_cache_dir=self.config.data.graph_cache_dir or None)
         return self._predictor
@@ -222,23 +223,8 @@ class Experiment(jl_experiment.AbstractExperiment):
         """The pmapped loss+grad+AdamW update for one rollout length (compiled on first use)."""
         if ar_steps in self._updates:
             return self._updates[ar_steps]
-        predictor, direction = self.predictor, self._direction
-
-        def update(params, opt_state, batch, lr):
-            (loss, per_var), grads = jax.value_and_grad(predictor.loss, has_aux=True)(params, batch)
-            grads, loss, per_var = jax.lax.pmean((grads, loss, per_var), _AXIS)
-            grad_norm = optim.global_norm(grads)
-            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-            step_direction, new_opt_state = direction.update(grads, opt_state, params)
-            new_params = optim.apply_update(params, step_direction, lr)
-            keep = lambda new, old: jnp.where(finite, new, old)  # skip non-finite updates
-            scalars = {"loss": loss, "grad_norm": grad_norm,
-                       "update_skipped": (~finite).astype(jnp.int32),
-                       **{f"loss/{v}": x for v, x in per_var.items()}}
-            return (jax.tree.map(keep, new_params, params),
-                    jax.tree.map(keep, new_opt_state, opt_state), scalars)
-
         logging.info("Compiling the training step for %d autoregressive step(s).", ar_steps)
+        update = gc_update.update_fn(self.predictor, self._direction, axis_name=_AXIS)
         self._updates[ar_steps] = jax.pmap(update, axis_name=_AXIS, donate_argnums=(0, 1))
         return self._updates[ar_steps]
 

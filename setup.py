@@ -9,6 +9,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["graphcast", "graphcast.*", "data", "data.*",
                                                 "training", "training.*", "configs"]),
     py_modules=["experiment"],
+    package_data={"graphcast": ["gpu_specs/*.txtpb"]},
     install_requires=[
         "numpy>=2.0",
         "scipy>=1.11",
@@ -38,6 +39,10 @@ setuptools.setup(
         "matplotlib>=3.8",
     ],
     extras_require={
+        # Ahead-of-time compilers for accelerator memory on a CPU-only machine (benchmarks/
+        # train_step.py --target); install into a separate virtualenv, pinned to our jax.
+        "aot-tpu": ["jax[tpu]==0.10.2"],
+        "aot-gpu": ["jax[cuda12]==0.10.2"],
         "test": ["pytest>=8.0", "pytest-xdist>=3.5", "gcp-storage-emulator>=2026.7.19", "tensorboard>=2.15"],
     },
 )

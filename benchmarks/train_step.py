@@ -1,11 +1,16 @@
-"""Time and size one GraphCast training step (loss, gradients, AdamW update).
+"""Time and size one GraphCast training step: the experiment's update (graphcast.update).
 
     python benchmarks/train_step.py --resolution 1.0 --levels 13 --mesh-size 4 --latent 64 \
         --msg-steps 4 --hidden-layers 1 --batch 1 --ar-steps 1 --iters 5 [--bf16] [--json]
 
 `--compile-only` lowers and compiles with abstract parameters and batch, so full-size
 configurations can be sized on a small machine (XLA's memory analysis: temp, argument,
-output bytes). Random data and unit statistics: the figures depend only on shapes.
+output bytes). `--target tpu-v4|tpu-v5p|h100|a100` compiles for that accelerator instead of
+this machine's CPU (ahead of time, no hardware; needs the `aot-tpu` / `aot-gpu` extra) and
+implies `--compile-only`; a step XLA refuses for lack of device memory is reported as
+`"total_bytes": null` with XLA's reason in `refused`. Matmul FLOPs are counted from the traced step through its loops:
+`model_flops` without rematerialization, `executed_flops` with it. Random data and unit
+statistics: the figures depend only on shapes.
 """
 
 import argparse
@@ -17,40 +22,31 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from graphcast import config as config_lib
+from graphcast import flops
 from graphcast import memory
 from graphcast import rollout
+from graphcast import targets
+from graphcast import update
 
 
 def bench_task(levels: int) -> config_lib.TaskConfig:
     return dataclasses.replace(config_lib.TASK_13, pressure_levels=config_lib.PRESSURE_LEVELS[levels])
 
 
-def matmul_flops(fn, *args) -> float:
-    """2*M*N*K summed over every matrix product (dot_general) of `fn`'s jaxpr, scan bodies counted
-    `length` times and rematerialized code once per execution as traced (the recomputation shows
-    up in the backward pass). Element-wise work is left out: a lower bound dominated by the edge
-    and node MLPs. (XLA's cost analysis counts a scan body once, whatever its length.)"""
-
-    def count(jaxpr) -> float:
-        total = 0.0
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "dot_general":
-                (lhs_contract, _), _ = eqn.params["dimension_numbers"]
-                k = np.prod([eqn.invars[0].aval.shape[d] for d in lhs_contract])
-                total += 2.0 * k * np.prod(eqn.outvars[0].aval.shape)
-            factor = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
-            subs = [v for v in eqn.params.values() if hasattr(v, "eqns") or hasattr(v, "jaxpr")]
-            if eqn.primitive.name == "cond":
-                total += max(count(b.jaxpr) for b in eqn.params["branches"])
-                continue
-            for sub in subs:
-                total += factor * count(sub.jaxpr if hasattr(sub, "jaxpr") else sub)
-        return total
-
-    return count(jax.make_jaxpr(fn)(*args).jaxpr)
+def step_flops(predictor: rollout.Predictor, direction, abstract_args) -> dict:
+    """Matmul FLOPs of the update: executed (with the predictor's remat) and model (without)."""
+    executed = flops.matmul_flops(update.update_fn(predictor, direction), *abstract_args)
+    plain = rollout.Predictor(predictor.model_config, predictor.task_config, predictor.stats,
+                              predictor.grid_lat, predictor.grid_lon, bf16=predictor.bf16,
+                              remat_steps=False, remat_blocks=False,
+                              block_size=predictor.block_size,
+                              split_first_layer=predictor.split_first_layer,
+                              graphs=predictor.graphs)
+    model = flops.matmul_flops(update.update_fn(plain, direction), *abstract_args)
+    return {"model_flops": model["flops"], "executed_flops": executed["flops"],
+            "flops_while_loops_counted_once": executed["while_loops"]}
 
 
 def main() -> None:
@@ -68,6 +64,8 @@ def main() -> None:
     p.add_argument("--remat", choices=["none", "steps", "blocks", "steps+blocks"],
                    default="steps+blocks", help="rematerialization policy: per autoregressive step, "
                    "per message-passing round and row block (remat_blocks), both, or none")
+    p.add_argument("--offload-windows", action="store_true",
+                   help="keep each step's saved input window in host memory (with step remat)")
     p.add_argument("--block-size", type=int, default=16384,
                    help="process grid<->mesh edges and grid nodes in blocks of at most this many "
                    "rows (0: whole arrays)")
@@ -75,9 +73,22 @@ def main() -> None:
                    help="concatenate-then-multiply edge MLPs (the reference's formulation)")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--compile-only", action="store_true")
+    p.add_argument("--target", choices=sorted(targets.TARGETS), default="cpu",
+                   help="compile for this device's compiler and memory model (ahead of time)")
+    p.add_argument("--gpu-spec-dir", default=None,
+                   help="directory of XLA GPU spec files <card>.txtpb (h100, a100 targets; default: "
+                   "graphcast/gpu_specs)")
     p.add_argument("--graph-cache-dir", default=None)
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
+    if args.offload_windows and "steps" not in args.remat:
+        p.error("--offload-windows needs step remat (--remat steps or steps+blocks).")
+    if args.target != "cpu":
+        args.compile_only = True
+    try:
+        device = targets.target_device(args.target, args.gpu_spec_dir)
+    except (ValueError, targets.MissingExtraError) as e:
+        p.error(str(e))
 
     model_config = config_lib.ModelConfig(
         resolution=args.resolution, mesh_size=args.mesh_size, latent_size=args.latent,
@@ -91,24 +102,34 @@ def main() -> None:
                                   bf16=args.bf16,
                                   remat_steps="steps" in args.remat,
                                   remat_blocks="blocks" in args.remat,
+                                  offload_windows=args.offload_windows,
                                   block_size=args.block_size or None,
                                   split_first_layer=not args.plain,
                                   graph_cache_dir=args.graph_cache_dir)
     graph_s = time.perf_counter() - t0
 
-    optimizer = optax.adamw(1e-3, b1=0.9, b2=0.95, weight_decay=0.1)
+    direction = update.make_direction()
+    abstract_args = memory.abstract_step_args(predictor, direction, args.batch, args.ar_steps)
+    abstract_params, _, abstract_batch, _ = abstract_args
     t0 = time.perf_counter()
-    compiled, abstract_batch, abstract_params = memory.compile_train_step(
-        predictor, batch=args.batch, ar_steps=args.ar_steps, optimizer=optimizer)
+    try:
+        compiled, _ = memory.compile_train_step(predictor, batch=args.batch,
+                                                ar_steps=args.ar_steps, direction=direction,
+                                                device=device)
+        sizes = memory.memory_report(compiled)
+    except jax.errors.JaxRuntimeError as e:  # XLA:TPU refuses a step that cannot fit
+        if "RESOURCE_EXHAUSTED" not in str(e) or not args.compile_only:
+            raise
+        sizes = {"total_bytes": None, "refused": str(e).strip().splitlines()[0][:1000]}
     compile_s = time.perf_counter() - t0
     result = {
+        "target": args.target,
         "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract_params))),
         "graph_build_s": graph_s,
         "compile_s": compile_s,
-        **memory.memory_report(compiled),
-        "matmul_flops": matmul_flops(memory.train_step_fn(predictor, optimizer), abstract_params,
-                                     jax.eval_shape(optimizer.init, abstract_params),
-                                     abstract_batch),
+        **sizes,
+        "device_memory_bytes": targets.device_memory_bytes(args.target),
+        **step_flops(predictor, direction, abstract_args),
         "config": vars(args),
     }
     if not args.compile_only:
@@ -116,17 +137,18 @@ def main() -> None:
         batch = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape, np.float32)),
                              abstract_batch)
         params = predictor.init(jax.random.PRNGKey(0), batch)
-        opt_state = optimizer.init(params)
-        params, opt_state, loss = compiled(params, opt_state, batch)  # warm-up
-        loss.block_until_ready()
+        opt_state = direction.init(params)
+        lr = jnp.float32(1e-3)
+        params, opt_state, scalars = compiled(params, opt_state, batch, lr)  # warm-up
+        scalars["loss"].block_until_ready()
         times = []
         for _ in range(args.iters):
             t0 = time.perf_counter()
-            params, opt_state, loss = compiled(params, opt_state, batch)
-            loss.block_until_ready()
+            params, opt_state, scalars = compiled(params, opt_state, batch, lr)
+            scalars["loss"].block_until_ready()
             times.append(time.perf_counter() - t0)
         result.update(step_s_median=statistics.median(times), step_s_min=min(times),
-                      loss=float(loss))
+                      loss=float(scalars["loss"]))
     if args.json:
         print(json.dumps(result))
     else:

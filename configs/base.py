@@ -75,6 +75,7 @@ def get_base_config(task: gc_config.TaskConfig) -> config_dict.ConfigDict:
     exp.training = config_dict.ConfigDict(dict(
         bf16=False,                  # bfloat16 activations (params, aggregation, loss stay f32)
         remat_steps=True,            # rematerialize each autoregressive step in backprop
+        offload_windows=False,       # with remat_steps: saved per-step input windows in host memory
         remat_blocks=True,           # rematerialize processor rounds (in groups) and edge/node blocks
         block_size=16384,            # >0: grid<->mesh edges and grid nodes in blocks of this many
         init_checkpoint="",          # official GraphCast .npz to fine-tune from (model/task checked)

@@ -95,12 +95,13 @@ def _read_checkpoint(path: str) -> tuple:
 def training_memory(model_config: config_lib.ModelConfig, task_config: config_lib.TaskConfig,
                     resolution: float, *, batch: int, ar_steps: int, bf16: bool,
                     remat_blocks: bool, block_size: Optional[int]) -> dict:
-    """XLA's compiled memory (bytes) of one AdamW training step, with abstract arrays."""
+    """XLA's compiled memory (bytes) of the training update the experiment trains
+    (graphcast.update, paper-default optimizer), with abstract arrays."""
     lat, lon = regular_grid(resolution)
     predictor = rollout.Predictor(model_config, task_config, memory.unit_stats(task_config),
                                   lat, lon, bf16=bf16, remat_steps=True,
                                   remat_blocks=remat_blocks, block_size=block_size)
-    compiled, _, _ = memory.compile_train_step(predictor, batch=batch, ar_steps=ar_steps)
+    compiled, _ = memory.compile_train_step(predictor, batch=batch, ar_steps=ar_steps)
     return memory.memory_report(compiled)
 
 

@@ -1,4 +1,4 @@
-"""Size one training step (loss, gradients, AdamW update) without allocating it.
+"""Size the training update (graphcast.update) without allocating it.
 
 The step is lowered and compiled with abstract parameters and batch
 (`jax.ShapeDtypeStruct`), so full-size configurations can be sized on a small
@@ -15,6 +15,7 @@ import optax
 from graphcast import config as config_lib
 from graphcast import normalization
 from graphcast import rollout
+from graphcast import update
 
 
 def unit_stats(task_config: config_lib.TaskConfig) -> normalization.Stats:
@@ -51,37 +52,41 @@ def batch_shapes(task_config: config_lib.TaskConfig, batch: int, ar_steps: int,
     }
 
 
-def train_step_fn(predictor: rollout.Predictor, optimizer: optax.GradientTransformation):
-    """`(params, opt_state, batch) -> (params, opt_state, loss)`, parameters donated."""
-
-    def train_step(params, opt_state, batch):
-        (loss, _), grads = jax.value_and_grad(predictor.loss, has_aux=True)(params, batch)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return jax.jit(train_step, donate_argnums=(0, 1))
-
-
-def compile_train_step(predictor: rollout.Predictor, batch: int = 1, ar_steps: int = 1,
-                       optimizer: Optional[optax.GradientTransformation] = None):
-    """(compiled step, abstract batch, abstract params) for the predictor's grid and task."""
-    optimizer = optimizer or optax.adamw(1e-3, b1=0.9, b2=0.95, weight_decay=0.1)
+def abstract_step_args(predictor: rollout.Predictor, direction: optax.GradientTransformation,
+                       batch: int = 1, ar_steps: int = 1, device=None) -> tuple:
+    """Abstract (params, opt_state, batch, lr) of the update, placed on `device` when given
+    (an ahead-of-time target device: TPU or GPU topology, no hardware needed)."""
     abstract_batch = batch_shapes(predictor.task_config, batch, ar_steps,
                                   predictor.grid_lat.size, predictor.grid_lon.size)
     params = jax.eval_shape(predictor.init, jax.random.PRNGKey(0), abstract_batch)
-    opt_state = jax.eval_shape(optimizer.init, params)
-    compiled = train_step_fn(predictor, optimizer).lower(params, opt_state,
-                                                          abstract_batch).compile()
-    return compiled, abstract_batch, params
+    opt_state = jax.eval_shape(direction.init, params)
+    args = (params, opt_state, abstract_batch, jax.ShapeDtypeStruct((), jnp.float32))
+    if device is None:
+        return args
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), args)
+
+
+def compile_train_step(predictor: rollout.Predictor, batch: int = 1, ar_steps: int = 1,
+                       direction: Optional[optax.GradientTransformation] = None, device=None):
+    """(compiled update, abstract args) of graphcast.update's training update, the one the
+    experiment trains (paper-default optimizer unless `direction` is given), parameters and
+    optimizer state donated; compiled for `device`'s backend when given."""
+    direction = direction or update.make_direction()
+    args = abstract_step_args(predictor, direction, batch, ar_steps, device)
+    step = jax.jit(update.update_fn(predictor, direction), donate_argnums=(0, 1))
+    return step.lower(*args).compile(), args
 
 
 def memory_report(compiled) -> dict:
-    """XLA's memory analysis of a compiled step, in bytes; `total_bytes` = what must fit."""
+    """XLA's memory analysis of a compiled step, in bytes; `total_bytes` = what must fit in
+    device memory (`host_temp_bytes`: what offloading puts in host memory instead)."""
     m = compiled.memory_analysis()
     report = {"temp_bytes": int(m.temp_size_in_bytes),
               "argument_bytes": int(m.argument_size_in_bytes),
               "output_bytes": int(m.output_size_in_bytes),
-              "alias_bytes": int(m.alias_size_in_bytes)}
+              "alias_bytes": int(m.alias_size_in_bytes),
+              "host_temp_bytes": int(getattr(m, "host_temp_size_in_bytes", 0))}
     report["total_bytes"] = (report["temp_bytes"] + report["argument_bytes"]
                              + report["output_bytes"] - report["alias_bytes"])
     return report

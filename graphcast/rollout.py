@@ -14,6 +14,7 @@ from typing import Mapping, Optional
 import haiku as hk
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 import numpy as np
 
 from graphcast import config as config_lib
@@ -43,6 +44,21 @@ def _float32_params_as(dtype):
     return stack
 
 
+_WINDOW = "rollout_window"
+# Everything of a step is recomputed in the backward pass; its input window alone is saved,
+# in host memory.
+_OFFLOAD_WINDOWS = jax.checkpoint_policies.save_and_offload_only_these_names(
+    names_which_can_be_saved=[], names_which_can_be_offloaded=[_WINDOW],
+    offload_src="device", offload_dst="pinned_host")
+
+
+def _named_window(body):
+    """`body` whose carried window is named, so that a remat policy can offload it."""
+    def named(rolling, xs):
+        return body(jax.tree.map(lambda x: checkpoint_name(x, _WINDOW), rolling), xs)
+    return named
+
+
 class Predictor:
     """GraphCast with normalization and autoregressive rollout, as pure functions of params.
 
@@ -53,6 +69,10 @@ class Predictor:
       bf16: run the network in bfloat16 (parameters stay float32; aggregation on the
         encoder, normalization, residuals and loss stay float32).
       remat_steps: rematerialize each autoregressive step in the backward pass.
+      offload_windows: with remat_steps, keep each step's saved input window (what the
+        backward pass recomputes the step from) in host memory instead of device memory.
+        Same values, less accelerator memory for multi-step rollouts; the CPU backend
+        ignores it.
       remat_blocks, block_size, split_first_layer: memory and speed options of the network,
         none of which changes the function computed: see `model.GraphCastNetwork`.
       graphs: prebuilt static graphs (built, or read from `graph_cache_dir`, if absent).
@@ -62,6 +82,7 @@ class Predictor:
                  task_config: config_lib.TaskConfig, stats: normalization.Stats,
                  grid_lat: np.ndarray, grid_lon: np.ndarray, *, bf16: bool = False,
                  remat_steps: bool = True, remat_blocks: bool = False,
+                 offload_windows: bool = False,
                  block_size: Optional[int] = None,
                  split_first_layer: bool = True,
                  graphs: Optional[graphs_lib.StaticGraphs] = None,
@@ -74,6 +95,10 @@ class Predictor:
         self.bf16 = bf16
         self.remat_steps = remat_steps
         self.remat_blocks = remat_blocks
+        if offload_windows and not remat_steps:
+            raise ValueError("offload_windows=True needs remat_steps=True: the offloaded windows "
+                             "are what each rematerialized step is recomputed from.")
+        self.offload_windows = offload_windows
         self.block_size = block_size
         self.split_first_layer = split_first_layer
         self.graphs = graphs if graphs is not None else graphs_lib.build_graphs(
@@ -159,7 +184,9 @@ class Predictor:
             # loop-carried buffers; calling the step directly lets XLA free them early.
             rolling, ys = body(rolling, jax.tree.map(lambda x: x[0], xs))
             return rolling, jax.tree.map(lambda y: y[None], ys)
-        if self.remat_steps:
+        if self.remat_steps and self.offload_windows:
+            body = hk.remat(_named_window(body), policy=_OFFLOAD_WINDOWS)
+        elif self.remat_steps:
             body = hk.remat(body)
         return hk.scan(body, rolling, xs, length=num_steps)
 
@@ -167,6 +194,12 @@ class Predictor:
     def _per_step(arrays: Arrays) -> dict:
         """[B, T, ...] -> [T, B, 1, ...], the scanned layout."""
         return {v: jnp.moveaxis(x, 1, 0)[:, :, None] for v, x in arrays.items()}
+
+    @staticmethod
+    def _at_step(arrays: Arrays, t: jax.Array) -> dict:
+        """[B, T, ...] -> [B, 1, ...] at step t, read in place: a time-major copy of the whole
+        rollout's targets (10 GiB at 0.25 deg, 12 steps) would stay live through the step."""
+        return {v: jax.lax.dynamic_slice_in_dim(x, t, 1, axis=1) for v, x in arrays.items()}
 
     def _predict(self, inputs: Arrays, forcings: Arrays, num_steps: Optional[int]):
         static, rolling = self._split_inputs(inputs)
@@ -191,8 +224,8 @@ class Predictor:
         num_steps = next(iter(targets.values())).shape[1]
         network = self._network()
 
-        def step(rolling, targets_and_forcings):
-            targets_t, forcings_t = targets_and_forcings
+        def step(rolling, t):
+            targets_t, forcings_t = self._at_step(targets, t), self._at_step(forcings, t)
             current = {**static, **rolling}
             outputs = self._network_outputs(network, current, forcings_t)
             per_variable = losses.weighted_mse_per_variable(
@@ -202,7 +235,7 @@ class Predictor:
             predictions = normalization.denormalize_outputs(outputs, current, self.stats)
             return self._advance(rolling, predictions, forcings_t), (loss, per_variable)
 
-        _, (step_losses, step_diagnostics) = self._scan(
-            step, rolling, (self._per_step(targets), self._per_step(forcings)), num_steps)
+        _, (step_losses, step_diagnostics) = self._scan(step, rolling, jnp.arange(num_steps),
+                                                        num_steps)
         return (jnp.mean(step_losses, axis=0),
                 {v: jnp.mean(d, axis=0) for v, d in step_diagnostics.items()})

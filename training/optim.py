@@ -7,15 +7,16 @@ at the constant `curriculum_lr`.
 
 The learning rate is a function of the global step, not of the optimizer's own counter, so a skipped
 (non-finite) update does not shift the schedule. AdamW is split into a direction (clip + Adam +
-decoupled weight decay on weight matrices) and the step `-lr * direction` applied by the caller.
+decoupled weight decay on weight matrices) and the step `-lr * direction`; both, and the whole
+update the experiment trains, are in graphcast.update.
 """
 
 import dataclasses
 import math
 
-import jax
-import jax.numpy as jnp
 import optax
+
+from graphcast import update
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,29 +83,8 @@ def distinct_ar_steps(cfg: OptimConfig, training_steps: int) -> list:
     return values
 
 
-def weight_decay_mask(params, names=("w",)):
-    """True for leaves whose parameter name (last key) is in `names`: the weight matrices."""
-    def is_decayed(path, _):
-        last = path[-1]
-        key = getattr(last, "key", getattr(last, "name", None))
-        return key in names
-    return jax.tree_util.tree_map_with_path(is_decayed, params)
-
-
 def make_direction(cfg: OptimConfig) -> optax.GradientTransformation:
-    """Clip -> Adam -> + weight_decay * w: the AdamW update before scaling by -lr."""
-    return optax.chain(
-        optax.clip_by_global_norm(cfg.clip_global_norm),
-        optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
-        optax.add_decayed_weights(cfg.weight_decay,
-                                  mask=lambda p: weight_decay_mask(p, cfg.decay_param_names)),
-    )
-
-
-def apply_update(params, direction, lr):
-    """params - lr * direction, keeping each leaf's dtype."""
-    return jax.tree.map(lambda p, d: (p - lr * d).astype(p.dtype), params, direction)
-
-
-def global_norm(tree) -> jnp.ndarray:
-    return optax.tree.norm(tree)
+    """Clip -> Adam -> + weight_decay * w (graphcast.update's direction) with `cfg`'s settings."""
+    return update.make_direction(clip_global_norm=cfg.clip_global_norm, b1=cfg.b1, b2=cfg.b2,
+                                 eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                 decay_param_names=cfg.decay_param_names)

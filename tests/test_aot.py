@@ -1,0 +1,156 @@
+"""The shared training update, the loop-aware FLOP counter and ahead-of-time targets."""
+
+import dataclasses
+import inspect
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from graphcast import config as config_lib
+from graphcast import flops, memory, rollout, targets, update
+from training import optim
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--resolution", "6", "--mesh-size", "1", "--latent", "8", "--msg-steps", "1",
+        "--levels", "13", "--ar-steps", "2", "--block-size", "0", "--json"]
+
+
+def _scan_of_two_matmuls(checkpoint: bool):
+    def f(x, w):
+        layer = lambda c: jnp.tanh(c @ w) @ w.T
+        layer = jax.checkpoint(layer) if checkpoint else layer
+        return jax.lax.scan(lambda c, _: (layer(c), None), x, None, length=7)[0].sum()
+    return f
+
+
+def test_flop_counter_counts_every_scan_iteration_and_recomputation():
+    x, w = jnp.ones((3, 4)), jnp.ones((4, 5))
+    one_matmul = 2 * 3 * 4 * 5
+    forward = flops.matmul_flops(_scan_of_two_matmuls(False), x, w)
+    assert forward == {"flops": 7 * 2 * one_matmul, "while_loops": 0}
+    # Backward of each matmul: two matmuls of the same size (w.r.t. input and weight).
+    model = flops.matmul_flops(jax.grad(_scan_of_two_matmuls(False), argnums=1), x, w)
+    assert model["flops"] == 3 * forward["flops"]
+    # With remat the first matmul is recomputed (the second's output is not needed backward).
+    executed = flops.matmul_flops(jax.grad(_scan_of_two_matmuls(True), argnums=1), x, w)
+    assert executed["flops"] == model["flops"] + 7 * one_matmul
+    # Why the counter exists: XLA's cost analysis counts the loop body once.
+    xla = jax.jit(_scan_of_two_matmuls(False)).lower(x, w).compile().cost_analysis()
+    xla = xla[0] if isinstance(xla, list) else xla
+    assert xla["flops"] < forward["flops"] / 2
+
+
+def test_flop_counter_reports_while_loops_it_cannot_unroll():
+    def f(x):
+        return jax.lax.while_loop(lambda c: c[1] < 3, lambda c: (c[0] @ c[0], c[1] + 1),
+                                  (x, 0))[0]
+    assert flops.matmul_flops(f, jnp.ones((2, 2))) == {"flops": 16, "while_loops": 1}
+
+
+def test_experiment_optimizer_defaults_are_the_shared_updates():
+    """describe --memory and the benchmark size graphcast.update's default direction; it must be
+    the direction the experiment trains with by default."""
+    defaults = {k: p.default for k, p in inspect.signature(update.make_direction).parameters.items()}
+    cfg = optim.OptimConfig()
+    assert defaults == {k: getattr(cfg, k) for k in defaults}
+
+
+def test_update_skips_non_finite_steps_and_matches_adamw_otherwise():
+    params = {"lin": {"w": jnp.ones((2, 2)), "b": jnp.zeros((2,))}}
+
+    class Quadratic:  # the predictor interface update_fn needs: loss(params, batch)
+        @staticmethod
+        def loss(p, batch):
+            value = jnp.sum((batch["x"] @ p["lin"]["w"] + p["lin"]["b"]) ** 2)
+            return value, {"x": value}
+
+    direction = update.make_direction()
+    step = jax.jit(update.update_fn(Quadratic(), direction))
+    opt_state = direction.init(params)
+    new, _, scalars = step(params, opt_state, {"x": jnp.ones((1, 2))}, 1e-2)
+    assert int(scalars["update_skipped"]) == 0 and float(scalars["loss/x"]) == 8.0
+    assert not np.allclose(new["lin"]["w"], 1.0)
+    same, same_state, scalars = step(params, opt_state, {"x": jnp.full((1, 2), np.nan)}, 1e-2)
+    assert int(scalars["update_skipped"]) == 1
+    jax.tree.map(np.testing.assert_array_equal, (same, same_state), (params, opt_state))
+
+
+def test_unknown_target_is_named():
+    with pytest.raises(ValueError, match="tpu-v9.*expected one of"):
+        targets.target_device("tpu-v9")
+
+
+@pytest.mark.skipif(targets.compiler_installed("tpu-v4"), reason="libtpu installed")
+def test_missing_tpu_compiler_names_the_extra():
+    with pytest.raises(targets.MissingExtraError, match=r'pip install -e "\.\[aot-tpu\]"'):
+        targets.target_device("tpu-v4")
+
+
+def _bench(*extra, **env):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "train_step.py"),
+                          *TINY, *extra], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": ROOT, **env})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_benchmark_reports_target_memory_and_flops():
+    r = _bench("--compile-only")
+    assert r["target"] == "cpu"
+    assert r["total_bytes"] == (r["temp_bytes"] + r["argument_bytes"] + r["output_bytes"]
+                                - r["alias_bytes"])
+    # steps+blocks remat recomputes the forward pass: more executed than model FLOPs.
+    assert 0 < r["model_flops"] < r["executed_flops"] < 2 * r["model_flops"]
+
+
+@pytest.mark.skipif(not targets.compiler_installed("tpu-v4"),
+                    reason='needs the TPU compiler: pip install -e ".[aot-tpu]"')
+@pytest.mark.slow
+def test_benchmark_compiles_for_tpu_v4_and_offloading_windows_saves_device_memory():
+    # Windows big enough to matter: 4 deg grid, 4 steps.
+    larger = ["--resolution", "4", "--mesh-size", "2", "--latent", "64", "--msg-steps", "4",
+              "--block-size", "16384", "--ar-steps", "4"]
+    kept = _bench("--target", "tpu-v4", *larger)
+    assert kept["target"] == "tpu-v4" and kept["device_memory_bytes"] == 32 * 2 ** 30
+    assert 0 < kept["total_bytes"] < kept["device_memory_bytes"]
+    offloaded = _bench("--target", "tpu-v4", "--offload-windows", *larger)
+    assert offloaded["total_bytes"] < kept["total_bytes"]
+    assert offloaded["host_temp_bytes"] > kept["host_temp_bytes"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bf16", [False, True])
+def test_offloading_windows_leaves_loss_and_gradients_unchanged(bf16):
+    task = dataclasses.replace(config_lib.TASK_13,
+                               pressure_levels=config_lib.PRESSURE_LEVELS_WEATHERBENCH_13)
+    model = config_lib.ModelConfig(resolution=10.0, mesh_size=1, latent_size=8, gnn_msg_steps=1,
+                                   hidden_layers=1, radius_query_fraction_edge_length=0.6)
+    lat = np.linspace(-90, 90, 19, dtype=np.float32)
+    lon = np.arange(0, 360, 10.0, dtype=np.float32)
+    kept = rollout.Predictor(model, task, memory.unit_stats(task), lat, lon, bf16=bf16)
+    offloaded = rollout.Predictor(model, task, kept.stats, lat, lon, bf16=bf16,
+                                  graphs=kept.graphs, offload_windows=True)
+    rng = np.random.default_rng(0)
+    batch = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape, np.float32)),
+                         memory.batch_shapes(task, 1, 3, lat.size, lon.size))
+    params = jax.jit(kept.init)(jax.random.PRNGKey(0), batch)
+    results = [jax.jit(jax.value_and_grad(lambda p, q=q: q.loss(p, batch)[0]))(params)
+               for q in (kept, offloaded)]
+    jax.tree.map(np.testing.assert_array_equal, *results)
+    with pytest.raises(ValueError, match="offload_windows=True needs remat_steps=True"):
+        rollout.Predictor(model, task, kept.stats, lat, lon, graphs=kept.graphs,
+                          remat_steps=False, offload_windows=True)
+
+
+@pytest.mark.skipif(not targets.compiler_installed("a100"),
+                    reason='needs the CUDA compiler: pip install -e ".[aot-gpu]"')
+def test_benchmark_compiles_for_a100_from_the_shipped_spec():
+    r = _bench("--target", "a100", JAX_PLATFORMS="cpu")  # no GPU needed: compile only
+    assert r["target"] == "a100" and r["device_memory_bytes"] == 40 * 10 ** 9
+    assert 0 < r["total_bytes"] < r["device_memory_bytes"]
