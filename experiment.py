@@ -536,6 +536,13 @@ def check_before_start(config, mode: str = "train", export_path: str = "") -> No
     if mode in ("train", "train_eval_multithreaded") and jax.process_index() == 0:
         preflight.check_writable(config.checkpoint_dir, "config.checkpoint_dir",
                                  storage_options=dict(exp.data.storage_options or {}) or None)
+    checkpoint_dir = str(config.checkpoint_dir)
+    if mode == "eval" and jax.process_index() == 0 and ("://" in checkpoint_dir
+                                                         or os.path.isdir(checkpoint_dir)):
+        # The eval job writes best/ there; a directory that is not there yet is waited for.
+        preflight.check_writable(checkpoint_dir, "config.checkpoint_dir (eval writes best/ there)",
+                                 create=False,
+                                 storage_options=dict(exp.data.storage_options or {}) or None)
     if mode == "export":
         preflight.check_writable(os.path.dirname(os.path.abspath(export_path)) if "://" not in
                                  export_path else export_path.rsplit("/", 1)[0],

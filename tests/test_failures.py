@@ -191,6 +191,18 @@ def test_eval_and_export_run_the_config_checks(mode, sample_dir, tmp_path, no_mo
     assert _SECRET not in str(info.value)
 
 
+def test_eval_mode_checks_that_it_can_write_best(sample_dir, tmp_path, gcs_emulator):  # noqa: F811
+    """The eval job writes best/ into the checkpoint directory: an existing one that cannot be
+    written is named at start; one that does not exist yet is waited for, not created."""
+    config = _good_config(sample_dir, tmp_path)
+    config.checkpoint_dir = "gs://no-such-bucket-eval/run"
+    with pytest.raises(preflight.LocationError, match="checkpoint_dir .*gs://no-such-bucket-eval"):
+        experiment.check_before_start(config, "eval")
+    config.checkpoint_dir = str(tmp_path / "not_yet")
+    experiment.check_before_start(config, "eval")
+    assert not (tmp_path / "not_yet").exists()
+
+
 def test_eval_mode_checks_the_eval_batch_and_the_data(sample_dir, tmp_path, monkeypatch):  # noqa: F811
     config = _good_config(sample_dir, tmp_path)
     config.experiment_kwargs.config.eval.batch_size = 3
