@@ -130,11 +130,10 @@ def test_sample_config_trains_loss_falls_evaluates_and_exports(sample_dir, tmp_p
     _predict_with_export(loaded, sample_dir)
 
 
-def _predict_with_export(ckpt, sample):
-    """graphcast.predict runs the exported model on a DeepMind-style file cut from the sample."""
+def sample_example(sample, task):
+    """(DeepMind-style example: batch, time, [level,] lat, lon + datetime; the sample's frames it
+    was cut from) for `task`, four 6-hourly times from the synthetic sample."""
     import xarray as xr
-    from graphcast import normalization, predict
-    task = ckpt.task_config
     names = set(task.input_variables + task.target_variables + task.forcing_variables)
     ds = xr.open_zarr(f"{sample}/era5_sample.zarr").isel(time=slice(40, 44))
     ds = ds.rename(latitude="lat", longitude="lon").sortby("lat")
@@ -143,7 +142,14 @@ def _predict_with_export(ckpt, sample):
     dynamic = [v for v in ds.data_vars if "time" in ds[v].dims]
     example = ds.assign_coords(time=times - times[0])
     example = example.assign(**{v: example[v].expand_dims("batch") for v in dynamic})
-    example = example.assign_coords(datetime=(("batch", "time"), times[None]))
+    return example.assign_coords(datetime=(("batch", "time"), times[None])), ds
+
+
+def _predict_with_export(ckpt, sample):
+    """graphcast.predict runs the exported model on a DeepMind-style file cut from the sample."""
+    from graphcast import normalization, predict
+    task = ckpt.task_config
+    example, ds = sample_example(sample, task)
     stats = normalization.load_stats(f"{sample}/stats", task)
     out = predict.predict_dataset(ckpt, example, stats, steps=2)
     error = out["2m_temperature"].values - ds["2m_temperature"].values[None, 2:]

@@ -26,7 +26,7 @@ from graphcast import checkpoint as gc_checkpoint
 from graphcast import exit_status, files, normalization
 from conftest import upload_tree
 from test_evaluation import numpy_acc
-from test_experiment import ROOT, saved_params, tiny_config
+from test_experiment import ROOT, sample_example, saved_params, tiny_config
 from test_experiment import sample_dir  # noqa: F401  (session fixture: the synthetic sample)
 from test_sources import SMALL_TASK
 from test_sources import _forbidding_server  # noqa: E402
@@ -292,7 +292,7 @@ def test_sample_trains_and_evaluates_from_public_style_gcs(public_buckets, sampl
     # Export to gs:// and predict from gs:// (checkpoint, statistics, output).
     print(experiment.export(config, "gs://weatherbench2/exports/tiny model.npz", None))
     dataset = tmp_path / "example.nc"
-    _example_file(sample_dir, ckpt.task_config, dataset)
+    sample_example(sample_dir, ckpt.task_config)[0].to_netcdf(dataset)
     from graphcast import predict
     predict.main(["--checkpoint", "gs://weatherbench2/exports/tiny model.npz", "--dataset",
                   str(dataset), "--stats-dir", "gs://dm_graphcast/stats", "--steps", "2",
@@ -300,17 +300,4 @@ def test_sample_trains_and_evaluates_from_public_style_gcs(public_buckets, sampl
     out = xr.load_dataset(io.BytesIO(
         files.read_bytes("gs://weatherbench2/exports/predictions.nc")))
     assert out.sizes["time"] == 2 and np.isfinite(out["2m_temperature"].values).all()
-
-
-def _example_file(sample, task, path):
-    """A DeepMind-style example file (batch, time, [level,] lat, lon + datetime) from the sample."""
-    names = set(task.input_variables + task.target_variables + task.forcing_variables)
-    ds = xr.open_zarr(f"{sample}/era5_sample.zarr").isel(time=slice(40, 44))
-    ds = ds.rename(latitude="lat", longitude="lon").sortby("lat")
-    ds = ds[[v for v in ds.data_vars if v in names]].sel(level=list(task.pressure_levels)).load()
-    times = ds.time.values
-    dynamic = [v for v in ds.data_vars if "time" in ds[v].dims]
-    example = ds.assign_coords(time=times - times[0])
-    example = example.assign(**{v: example[v].expand_dims("batch") for v in dynamic})
-    example.assign_coords(datetime=(("batch", "time"), times[None])).to_netcdf(path)
 
