@@ -35,7 +35,7 @@ import xarray as xr  # noqa: E402
 import zarr  # noqa: E402
 
 from data import gcs, sources  # noqa: E402
-from graphcast.config import TASK_13  # noqa: E402
+from graphcast.config import PROGRESS_VARS, TASK_13, TIME_STEP, TIME_STEP_HOURS  # noqa: E402
 
 STEPS_PER_EXAMPLE = 3
 _EMULATOR = """
@@ -50,14 +50,15 @@ def synthetic_zarr(path: str, days: int, seed: int = 0, resolution: float = 1.0)
     """WeatherBench2-layout 13-level zarr with every TASK_13 variable (incl. TOA), one time step
     per chunk (as WeatherBench2 stores it)."""
     rng = np.random.default_rng(seed)
-    times = pd.date_range("2020-01-01", periods=4 * days, freq="6h")
+    times = pd.date_range("2020-01-01", periods=days * (24 // TIME_STEP_HOURS),
+                          freq=TIME_STEP)
     n_lat = int(round(180 / resolution))
     lat, lon = np.linspace(90, -90, n_lat + 1), np.arange(2 * n_lat) * resolution
     levels = np.asarray(TASK_13.pressure_levels)
     coords = {"time": times, "level": levels, "latitude": lat, "longitude": lon}
     ds = xr.Dataset(coords=coords)
     for name in sources.task_variables(TASK_13):
-        if name in sources.PROGRESS_VARS:
+        if name in PROGRESS_VARS:
             continue
         dims = tuple({"lat": "latitude", "lon": "longitude"}.get(d, d)
                      for d in sources.validate.expected_dims(name))

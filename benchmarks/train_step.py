@@ -14,7 +14,6 @@ statistics: the figures depend only on shapes.
 """
 
 import argparse
-import dataclasses
 import json
 import statistics
 import time
@@ -31,8 +30,6 @@ from graphcast import targets
 from graphcast import update
 
 
-def bench_task(levels: int) -> config_lib.TaskConfig:
-    return dataclasses.replace(config_lib.TASK_13, pressure_levels=config_lib.PRESSURE_LEVELS[levels])
 
 
 def step_flops(predictor: rollout.Predictor, direction, abstract_args) -> dict:
@@ -94,7 +91,7 @@ def main() -> None:
         resolution=args.resolution, mesh_size=args.mesh_size, latent_size=args.latent,
         gnn_msg_steps=args.msg_steps, hidden_layers=args.hidden_layers,
         radius_query_fraction_edge_length=args.radius_fraction)
-    task = bench_task(args.levels)
+    task = config_lib.task_on_levels(args.levels)
     lat = np.linspace(-90, 90, int(round(180 / args.resolution)) + 1, dtype=np.float32)
     lon = np.arange(0, 360, args.resolution, dtype=np.float32)
     t0 = time.perf_counter()

@@ -11,6 +11,8 @@ made with `python -m data.sample` and uploaded) nothing is generated: set data.s
 eval.climatology to match.
 """
 
+import dataclasses
+
 from ml_collections import config_dict
 
 from configs import base
@@ -21,11 +23,7 @@ _LEVELS = (250, 500, 700, 850, 1000)
 
 def get_config(arg: str = "") -> config_dict.ConfigDict:
     """arg: optional 'steps=N' to shorten/lengthen the run (tests use small N)."""
-    task = gc_config.TaskConfig(
-        input_variables=gc_config.TASK_13_PRECIP_OUT.input_variables,
-        target_variables=gc_config.TASK_13_PRECIP_OUT.target_variables,
-        forcing_variables=gc_config.TASK_13_PRECIP_OUT.forcing_variables,
-        pressure_levels=_LEVELS, input_duration="12h")
+    task = dataclasses.replace(gc_config.TASK_13_PRECIP_OUT, pressure_levels=_LEVELS)
     config = base.get_base_config(task)
     steps = int(dict(kv.split("=") for kv in arg.split(",") if kv).get("steps", 300))
     config.training_steps = steps

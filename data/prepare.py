@@ -24,7 +24,7 @@ import dask
 import xarray as xr
 
 from data import gcs, sources
-from graphcast.config import PRESSURE_LEVELS, TASK, TaskConfig
+from graphcast.config import PRESSURE_LEVELS, PROGRESS_VARS, TISR, TaskConfig, task_on_levels
 
 MARKER_DIR = "_prepare"
 CONFIG_ATTR = "prepare_config"
@@ -46,9 +46,7 @@ class PrepareConfig:
     block_size: int = 8
 
     def task(self) -> TaskConfig:
-        if self.levels not in PRESSURE_LEVELS:
-            raise PrepareError(f"--levels {self.levels}: choose one of {sorted(PRESSURE_LEVELS)}.")
-        return dataclasses.replace(TASK, pressure_levels=PRESSURE_LEVELS[self.levels])
+        return task_on_levels(self.levels)
 
     def fingerprint(self) -> str:
         """What decides the output's content (not where it goes)."""
@@ -58,7 +56,7 @@ class PrepareConfig:
 
 def to_output_layout(ds: xr.Dataset) -> xr.Dataset:
     """Normalized layout -> WeatherBench2-like layout, one time step per chunk."""
-    ds = ds.drop_vars([v for v in sources.PROGRESS_VARS if v in ds.variables])
+    ds = ds.drop_vars([v for v in PROGRESS_VARS if v in ds.variables])
     ds = ds.isel(lat=slice(None, None, -1)).rename(lat="latitude", lon="longitude")
     return ds.chunk({"time": 1, "latitude": -1, "longitude": -1,
                      **({"level": -1} if "level" in ds.dims else {})})
@@ -73,7 +71,7 @@ def build(config: PrepareConfig, storage_options: Optional[dict] = None) -> xr.D
     if ds.sizes["time"] == 0:
         raise PrepareError(f"No times of {config.source} fall in {config.start}..{config.end}.")
     ds = sources.subsample(ds, config.resolution, config.source)
-    stored_forcings = [v for v in sources.task_variables(task) if v == sources.TOA]
+    stored_forcings = [v for v in sources.task_variables(task) if v == TISR]
     out = to_output_layout(sources.add_derived_forcings(ds, stored_forcings))
     out.attrs = {"source": config.source, CONFIG_ATTR: config.fingerprint(),
                  "description": "GraphCast training data written by data.prepare"}

@@ -37,7 +37,7 @@ EARTH_RADIUS = 6.371e6
 OMEGA = 7.292e-5      # rad/s
 LAPSE_RATE = 6.5e-3   # K/m
 LEVELS = config.PRESSURE_LEVELS_WEATHERBENCH_13
-SIX_HOURS = np.timedelta64(6, "h")
+TISR = config.TISR
 
 
 def grid(resolution: float) -> tuple:
@@ -201,7 +201,7 @@ class _Generator:
             "v_component_of_wind": v, "vertical_velocity": omega, "specific_humidity": q,
             "2m_temperature": t2m, "mean_sea_level_pressure": msl,
             "10m_u_component_of_wind": u10, "10m_v_component_of_wind": v10,
-            "total_precipitation_6hr": precip, "toa_incident_solar_radiation": tisr_now,
+            "total_precipitation_6hr": precip, TISR: tisr_now,
         }
 
 
@@ -210,7 +210,7 @@ _UNITS = {
     "v_component_of_wind": "m s**-1", "vertical_velocity": "Pa s**-1",
     "specific_humidity": "kg kg**-1", "2m_temperature": "K", "mean_sea_level_pressure": "Pa",
     "10m_u_component_of_wind": "m s**-1", "10m_v_component_of_wind": "m s**-1",
-    "total_precipitation_6hr": "m", "toa_incident_solar_radiation": "J m**-2",
+    "total_precipitation_6hr": "m", TISR: "J m**-2",
     "geopotential_at_surface": "m**2 s**-2", "land_sea_mask": "(0 - 1)",
 }
 
@@ -222,15 +222,16 @@ def generate(*, seed: int = 0, resolution: float = 5.625, start: str = "2020-01-
         raise ValueError(f"--days must be >= 1, got {days}.")
     gen = _Generator(seed, resolution)
     start64 = np.datetime64(pd.Timestamp(start), "ns")
-    times = start64 + np.arange(days * 4) * SIX_HOURS                          # [T]
+    step = config.TIME_STEP.to_timedelta64()
+    times = start64 + np.arange(days * (24 // config.TIME_STEP_HOURS)) * step  # [T]
     tisr = solar_radiation.toa_incident_solar_radiation(
-        np.concatenate([[start64 - SIX_HOURS], times]), gen.lat.astype(np.float32),
+        np.concatenate([[start64 - step], times]), gen.lat.astype(np.float32),
         gen.lon.astype(np.float32)).astype(np.float64)                        # [T+1, H, W]
     per_time = [gen.fields(t, start64, tisr[i + 1], tisr[i]) for i, t in enumerate(times)]
     data_vars = {}
     for name in per_time[0]:
         stacked = np.stack([f[name] for f in per_time])[..., ::-1, :].astype(np.float32)
-        if name != "toa_incident_solar_radiation":   # TISR stays exactly what graphcast computes
+        if name != TISR:   # TISR stays exactly what graphcast computes
             stacked = quantize(stacked)
         dims = ("time", "level", "latitude", "longitude") if stacked.ndim == 4 else (
             "time", "latitude", "longitude")
@@ -269,7 +270,7 @@ def climatology(ds: xr.Dataset, window_days: int = 31) -> xr.Dataset:
     (clipped at the sample's ends), for every time-dependent variable except TOA radiation. Only
     the days of year the sample covers are present."""
     names = [v for v in ds.data_vars
-             if "time" in ds[v].dims and v != "toa_incident_solar_radiation"]
+             if "time" in ds[v].dims and v != TISR]
     hours = []
     for hour in np.unique(ds["time"].dt.hour.values):
         series = ds[names].isel(time=ds["time"].dt.hour.values == hour).astype(np.float64)

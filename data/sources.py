@@ -21,14 +21,11 @@ import xarray as xr
 
 from data import gcs, validate
 from graphcast import data_utils, solar_radiation
-from graphcast.config import ALL_ATMOSPHERIC_VARS, STATIC_VARS, TaskConfig
+from graphcast.config import (ALL_ATMOSPHERIC_VARS, PROGRESS_VARS, STATIC_VARS, TIME_STEP, TISR,
+                              TaskConfig)
 
-SIX_HOURS = validate.SIX_HOURS
-TOA = "toa_incident_solar_radiation"
 TP6 = "total_precipitation_6hr"
 TP_HOURLY = "total_precipitation"
-PROGRESS_VARS = ("year_progress", "year_progress_sin", "year_progress_cos",
-                 "day_progress", "day_progress_sin", "day_progress_cos")
 RENAMES = {"latitude": "lat", "longitude": "lon", "pressure_level": "level"}
 _NETCDF_SUFFIXES = (".nc", ".nc4", ".netcdf", ".h5", ".hdf5")
 
@@ -115,8 +112,8 @@ def _squeeze_batch(ds: xr.Dataset, source: Optional[str]) -> xr.Dataset:
 
 
 def _derivable(ds: xr.Dataset, step: pd.Timedelta) -> set:
-    names = set(PROGRESS_VARS) | {TOA}
-    if TP_HOURLY in ds.data_vars and step < SIX_HOURS:
+    names = set(PROGRESS_VARS) | {TISR}
+    if TP_HOURLY in ds.data_vars and step < TIME_STEP:
         names.add(TP6)
     return names
 
@@ -124,9 +121,9 @@ def _derivable(ds: xr.Dataset, step: pd.Timedelta) -> set:
 def _six_hourly(ds: xr.Dataset, step: pd.Timedelta, derive_tp6: bool) -> xr.Dataset:
     """Keeps 00/06/12/18 UTC times of a sub-6-hourly series; `total_precipitation_6hr` at t is
     the sum of the accumulations over the steps ending at t-6h+step .. t (six for hourly data)."""
-    k = int(SIX_HOURS // step)
+    k = int(TIME_STEP // step)
     t = pd.DatetimeIndex(ds["time"].values)
-    idx = np.nonzero(((t - t.normalize()) % SIX_HOURS) == pd.Timedelta(0))[0]
+    idx = np.nonzero(((t - t.normalize()) % TIME_STEP) == pd.Timedelta(0))[0]
     if derive_tp6:
         idx = idx[idx >= k - 1]  # only times whose whole 6 h window is in the data
     out = ds.drop_vars(TP_HOURLY, errors="ignore").isel(time=idx)
@@ -178,7 +175,7 @@ def normalize(ds: xr.Dataset, *, task_config: TaskConfig, resolution: Optional[f
         ds = ds.assign_coords(level=ds["level"].values.astype(np.int32))
     elif "level" in ds.dims or "level" in ds.coords:
         ds = ds.drop_dims("level", errors="ignore").drop_vars("level", errors="ignore")
-    if step < SIX_HOURS:
+    if step < TIME_STEP:
         ds = _six_hourly(ds, step, derive_tp6)
     if lat_step < 0:
         ds = ds.isel(lat=slice(None, None, -1))
@@ -255,8 +252,8 @@ def toa_radiation(ds: xr.Dataset) -> xr.DataArray:
 def add_derived_forcings(ds: xr.Dataset, wanted: Sequence[str]) -> xr.Dataset:
     """Adds TOA radiation (lazy) if wanted and absent, and the progress features if any is
     wanted."""
-    if TOA in wanted and TOA not in ds.data_vars:
-        ds[TOA] = toa_radiation(ds)
+    if TISR in wanted and TISR not in ds.data_vars:
+        ds[TISR] = toa_radiation(ds)
     if any(v in PROGRESS_VARS for v in wanted):
         ds = data_utils.add_derived_vars(ds)  # year_* (time,), day_* (time, lon); numpy
     return ds

@@ -27,10 +27,8 @@ import xarray as xr
 from graphcast import config
 from graphcast import data_utils
 from graphcast import files
-from graphcast.solar_radiation import TISR
-
-SIX_HOURS = np.timedelta64(6, "h")
-STAT_FILES = ("mean_by_level.nc", "stddev_by_level.nc", "diffs_stddev_by_level.nc")
+from graphcast.config import TIME_STEP, TISR
+from graphcast.normalization import STATS_FILES
 
 
 @dataclasses.dataclass
@@ -79,8 +77,9 @@ def _first_values(data: da.Array, axes: tuple, time_axis: int) -> da.Array:
 
 
 def _pair_indices(times: np.ndarray) -> np.ndarray:
-    """Indices i such that times[i + 1] - times[i] == 6 h (pairs across a gap are skipped)."""
-    return np.nonzero(np.diff(times) == SIX_HOURS)[0]
+    """Indices i such that times[i + 1] - times[i] == TIME_STEP (pairs across a gap are
+    skipped)."""
+    return np.nonzero(np.diff(times) == TIME_STEP.to_timedelta64())[0]
 
 
 def with_forcings(ds: xr.Dataset) -> xr.Dataset:
@@ -180,16 +179,9 @@ def write_stats(stats: tuple, out_dir: str, storage_options: Optional[dict] = No
     folder or a URL prefix (gs://bucket/stats)."""
     if not files.is_url(out_dir):
         os.makedirs(out_dir, exist_ok=True)
-    for name, dataset in zip(STAT_FILES, stats):
+    for name, dataset in zip(STATS_FILES.values(), stats):
         files.write_bytes(files.join(out_dir, name), dataset.to_netcdf(engine="h5netcdf"),
                           storage_options)
-
-
-def _task_for_levels(num_levels: int) -> config.TaskConfig:
-    if num_levels not in config.PRESSURE_LEVELS:
-        raise ValueError(f"--levels must be one of {sorted(config.PRESSURE_LEVELS)}, "
-                         f"got {num_levels}.")
-    return dataclasses.replace(config.TASK, pressure_levels=config.PRESSURE_LEVELS[num_levels])
 
 
 def _time_chunk(ds: xr.Dataset, chunk_bytes: int, block_size: int) -> int:
@@ -205,7 +197,7 @@ def run(source: str, start: str, end: str, out_dir: str, *, scheduler: Optional[
     the statistics; on the dask.distributed cluster at `scheduler` if given. Time steps are
     grouped into dask chunks of about `chunk_bytes` per variable."""
     from data import sources
-    task = _task_for_levels(num_levels)
+    task = config.task_on_levels(num_levels)
     ds = sources.open_source(source, task_config=task)
     steps = _time_chunk(ds, chunk_bytes, block_size)
     if steps > 1:   # fewer, larger dask tasks: several times faster on small grids
@@ -239,7 +231,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     run(args.source, args.start, args.end, args.out, scheduler=args.scheduler,
         num_levels=args.levels, block_size=args.block_size)
-    print(f"wrote {', '.join(STAT_FILES)} to {args.out}")
+    print(f"wrote {', '.join(STATS_FILES.values())} to {args.out}")
 
 
 if __name__ == "__main__":

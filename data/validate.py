@@ -13,9 +13,8 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from graphcast.config import ALL_ATMOSPHERIC_VARS, STATIC_VARS
-
-SIX_HOURS = pd.Timedelta("6h")
+from graphcast import config
+from graphcast.config import ALL_ATMOSPHERIC_VARS, STATIC_VARS, TIME_STEP, TIME_STEP_HOURS
 _MAX_SHOWN = 5  # offending items quoted in a message
 
 
@@ -27,12 +26,12 @@ class MissingVariablesError(DataValidationError):
     """Variables the task needs are absent and cannot be derived."""
 
 
-class MissingLevelsError(DataValidationError):
+class MissingLevelsError(DataValidationError, config.MissingLevelsError):
     """Pressure levels of the task are absent from the source."""
 
 
 class TimeSpacingError(DataValidationError):
-    """Time axis not strictly increasing, irregular, or not a divisor of 6 h."""
+    """Time axis not strictly increasing, irregular, or not a divisor of the model's time step."""
 
 
 class DuplicateTimesError(TimeSpacingError):
@@ -114,11 +113,8 @@ def check_levels(ds: xr.Dataset, levels: Sequence[int], source: Optional[str] = 
     if "level" not in ds.coords:
         raise MissingLevelsError(f"No `level` coordinate{_where(source)}, but the task needs "
                                  f"pressure levels {list(levels)}.")
-    available = [int(v) for v in ds["level"].values]
-    missing = [int(lv) for lv in levels if int(lv) not in available]
-    if missing:
-        raise MissingLevelsError(f"Pressure levels {missing} hPa required by the task are missing"
-                                 f"{_where(source)}; available levels: {available}.")
+    config.check_pressure_levels(ds["level"].values, levels, source or "the source",
+                                 MissingLevelsError)
 
 
 def check_time(times: np.ndarray, source: Optional[str] = None) -> pd.Timedelta:
@@ -140,9 +136,10 @@ def check_time(times: np.ndarray, source: Optional[str] = None) -> pd.Timedelta:
         raise TimeSpacingError(
             f"Irregular time spacing{_where(source)}: expected every {step}, found "
             f"{_show(f'{t[i]} -> {t[i + 1]} ({diffs[i]})' for i in irregular)}.")
-    if step > SIX_HOURS or SIX_HOURS % step != pd.Timedelta(0):
-        raise TimeSpacingError(f"Time step {step}{_where(source)} does not divide 6h; "
-                               "need 6-hourly data or a finer step that divides 6h (1h, 2h, 3h).")
+    if step > TIME_STEP or TIME_STEP % step != pd.Timedelta(0):
+        raise TimeSpacingError(f"Time step {step}{_where(source)} does not divide "
+                               f"{TIME_STEP_HOURS}h; need {TIME_STEP_HOURS}-hourly data or a finer "
+                               f"step that divides {TIME_STEP_HOURS}h (1h, 2h, 3h).")
     return step
 
 

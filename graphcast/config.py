@@ -6,7 +6,8 @@ which could never train fails before any data is read or anything compiles.
 """
 
 import dataclasses
-from typing import Mapping, Optional
+import math
+from typing import Iterable, Mapping, Optional, Sequence
 
 import pandas as pd
 
@@ -34,9 +35,15 @@ TARGET_SURFACE_NO_PRECIP_VARS = TARGET_SURFACE_VARS[:4]
 TARGET_ATMOSPHERIC_VARS = ("temperature", "geopotential", "u_component_of_wind",
                            "v_component_of_wind", "vertical_velocity", "specific_humidity")
 TARGET_ATMOSPHERIC_NO_W_VARS = tuple(v for v in TARGET_ATMOSPHERIC_VARS if v != "vertical_velocity")
-EXTERNAL_FORCING_VARS = ("toa_incident_solar_radiation",)
-GENERATED_FORCING_VARS = ("year_progress_sin", "year_progress_cos",
-                          "day_progress_sin", "day_progress_cos")
+TISR = "toa_incident_solar_radiation"
+EXTERNAL_FORCING_VARS = (TISR,)
+# Progress features, derived from the timestamps (and longitude): the fractions and their
+# sin/cos; the model reads only the sin/cos.
+YEAR_PROGRESS = "year_progress"
+DAY_PROGRESS = "day_progress"
+PROGRESS_VARS = tuple(f"{base}{suffix}" for base in (YEAR_PROGRESS, DAY_PROGRESS)
+                      for suffix in ("", "_sin", "_cos"))
+GENERATED_FORCING_VARS = tuple(v for v in PROGRESS_VARS if v.endswith(("_sin", "_cos")))
 FORCING_VARS = EXTERNAL_FORCING_VARS + GENERATED_FORCING_VARS
 STATIC_VARS = ("geopotential_at_surface", "land_sea_mask")
 
@@ -44,7 +51,7 @@ STATIC_VARS = ("geopotential_at_surface", "land_sea_mask")
 # to be a target or a forcing. Unknown names are checked against the data instead.
 KNOWN_TIME_DEPENDENT_VARS = frozenset(
     ALL_ATMOSPHERIC_VARS + TARGET_SURFACE_VARS + FORCING_VARS
-    + ("year_progress", "day_progress", "total_precipitation", "sea_surface_temperature"))
+    + (YEAR_PROGRESS, DAY_PROGRESS, "total_precipitation", "sea_surface_temperature"))
 
 # GraphCast's per-variable loss weights; every other target weighs 1.0.
 GRAPHCAST_LOSS_WEIGHTS = {
@@ -55,11 +62,38 @@ GRAPHCAST_LOSS_WEIGHTS = {
     "total_precipitation_6hr": 0.1,
 }
 
-TIME_STEP = pd.Timedelta("6h")
+# One model step: the spacing of input frames, of target lead times and of the differences
+# whose spread normalizes the residual targets.
+TIME_STEP_HOURS = 6
+TIME_STEP = pd.Timedelta(hours=TIME_STEP_HOURS)
 
 
 class TaskConfigError(ValueError):
     """A TaskConfig that cannot be trained or run; the message says what to change."""
+
+
+class MissingLevelsError(KeyError):
+    """Pressure levels the task needs are absent from a dataset, statistics or climatology.
+
+    A KeyError, as selecting the levels would raise; data and statistics raise subclasses
+    (`data.validate.MissingLevelsError`, `normalization.MissingStatsLevelsError`) so that the
+    tools' exit status tells the two apart.
+    """
+
+    def __str__(self) -> str:  # the message itself, not KeyError's quoted repr
+        return str(self.args[0]) if self.args else ""
+
+
+def check_pressure_levels(available: Iterable[int], required: Sequence[int], where: str,
+                          error: type = MissingLevelsError) -> None:
+    """Raises `error` (a MissingLevelsError) naming the levels of `required` (hPa) absent
+    from `available`, and those available; `where` names the data, e.g. file and variable."""
+    have = [int(x) for x in available]
+    missing = [int(p) for p in required if int(p) not in have]
+    if missing:
+        raise error(f"{where}: pressure levels {missing} hPa required by the task "
+                    f"(pressure_levels {[int(p) for p in required]}) are missing; "
+                    f"available levels: {have}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +183,8 @@ class TaskConfig:
                                   "duration; use e.g. '12h'.") from e
         if duration <= pd.Timedelta(0) or duration % TIME_STEP != pd.Timedelta(0):
             raise TaskConfigError(f"TaskConfig.input_duration={self.input_duration!r} must be a "
-                                  "positive multiple of 6h (e.g. '12h' for two input frames).")
+                                  f"positive multiple of {TIME_STEP_HOURS}h (e.g. "
+                                  f"'{2 * TIME_STEP_HOURS}h' for two input frames).")
         if self.loss_weights is not None:
             unknown = sorted(set(self.loss_weights) - set(self.target_variables))
             if unknown:
@@ -158,7 +193,7 @@ class TaskConfig:
 
     @property
     def num_input_frames(self) -> int:
-        """Number of 6-hourly input frames, e.g. 2 for '12h'."""
+        """Number of input frames one TIME_STEP apart, e.g. 2 for '12h'."""
         return int(pd.Timedelta(self.input_duration) // TIME_STEP)
 
     def variable_loss_weights(self) -> dict:
@@ -168,10 +203,25 @@ class TaskConfig:
             weights.update({k: float(w) for k, w in self.loss_weights.items()})
         return weights
 
+    def level_shape(self, name: str) -> tuple:
+        """`(L,)` for a variable on the task's pressure levels, `()` for a surface one."""
+        return (len(self.pressure_levels),) if name in ALL_ATMOSPHERIC_VARS else ()
+
+    def channels(self, name: str) -> int:
+        """Channels `name` takes per time step: one per pressure level, or one."""
+        return math.prod(self.level_shape(name))
+
+    def num_input_channels(self) -> int:
+        """Channels the data gives each grid node: every input frame (statics once), then the
+        forcings at the target time. The encoder adds the grid's structural features."""
+        frames = self.num_input_frames
+        inputs = sum(self.channels(v) * (1 if v in STATIC_VARS else frames)
+                     for v in self.input_variables)
+        return inputs + sum(self.channels(v) for v in self.forcing_variables)
+
     def num_outputs(self) -> int:
         """Output channels of the decoder: one per surface target, one per level otherwise."""
-        return sum(len(self.pressure_levels) if v in ALL_ATMOSPHERIC_VARS else 1
-                   for v in self.target_variables)
+        return sum(self.channels(v) for v in self.target_variables)
 
     def official_fields(self) -> dict:
         """The five fields the official checkpoint format stores, in order."""
@@ -197,3 +247,11 @@ TASK_13_PRECIP_OUT = TaskConfig(
     input_duration="12h",
 )
 STANDARD_TASKS = {"TASK": TASK, "TASK_13": TASK_13, "TASK_13_PRECIP_OUT": TASK_13_PRECIP_OUT}
+
+
+def task_on_levels(num_levels: int) -> TaskConfig:
+    """GraphCast's TASK variables on the standard pressure-level set with `num_levels` levels."""
+    if num_levels not in PRESSURE_LEVELS:
+        raise TaskConfigError(f"{num_levels} pressure levels: choose one of "
+                              f"{sorted(PRESSURE_LEVELS)} (graphcast.config.PRESSURE_LEVELS).")
+    return dataclasses.replace(TASK, pressure_levels=PRESSURE_LEVELS[num_levels])

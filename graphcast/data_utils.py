@@ -13,14 +13,11 @@ import pandas as pd
 import xarray as xr
 
 from graphcast import solar_radiation
-from graphcast.solar_radiation import TISR
+from graphcast.config import DAY_PROGRESS, PROGRESS_VARS, TISR, YEAR_PROGRESS
+from graphcast.config import check_pressure_levels
 
 SECONDS_PER_DAY = 86400
 AVG_DAYS_PER_YEAR = 365.24219
-YEAR_PROGRESS = "year_progress"
-DAY_PROGRESS = "day_progress"
-PROGRESS_VARS = tuple(f"{base}{suffix}" for base in (YEAR_PROGRESS, DAY_PROGRESS)
-                      for suffix in ("", "_sin", "_cos"))
 
 # Dimension order of every variable in the host batch layout (missing ones are skipped).
 _CANONICAL_DIMS = ("batch", "time", "level", "lat", "lon")
@@ -124,14 +121,11 @@ def _as_lead_time_dataset(ds: xr.Dataset) -> xr.Dataset:
 
 
 def _select_levels(ds: xr.Dataset, pressure_levels: Sequence[int]) -> xr.Dataset:
-    """Levels by value in task order; KeyError naming the absent levels and those available."""
+    """Levels by value in task order; a MissingLevelsError (a KeyError) naming the absent
+    levels and those available."""
     if "level" not in ds.coords:
         return ds  # surface-only data: nothing to select, missing variables are reported later
-    available = [int(v) for v in ds.coords["level"].values]
-    missing = [int(p) for p in pressure_levels if int(p) not in available]
-    if missing:
-        raise KeyError(f"Pressure level(s) {missing} hPa requested (pressure_levels) but absent "
-                       f"from the dataset's 'level' coordinate, which has {available}.")
+    check_pressure_levels(ds.coords["level"].values, pressure_levels, "the dataset's 'level'")
     return ds.sel(level=list(pressure_levels))
 
 

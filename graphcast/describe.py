@@ -32,15 +32,8 @@ def _mlp_params(in_size: int, out_size: int, latent: int, hidden_layers: int) ->
 
 
 def grid_input_channels(task_config: config_lib.TaskConfig) -> int:
-    """Encoder input width per grid node: input frames, target-time forcings, 3 structural."""
-    def width(name):
-        return (len(task_config.pressure_levels)
-                if name in config_lib.ALL_ATMOSPHERIC_VARS else 1)
-    frames = task_config.num_input_frames
-    inputs = sum(width(v) * (1 if v in config_lib.STATIC_VARS else frames)
-                 for v in task_config.input_variables)
-    forcings = sum(width(v) for v in task_config.forcing_variables)
-    return inputs + forcings + 3
+    """Encoder input width per grid node: the data's channels and 3 structural features."""
+    return task_config.num_input_channels() + 3
 
 
 def count_parameters(model_config: config_lib.ModelConfig,
@@ -75,14 +68,14 @@ def regular_grid(resolution: float) -> tuple:
 
 
 def task_on_levels(num_levels: int) -> config_lib.TaskConfig:
-    """GraphCast's TASK variables on `num_levels` pressure levels."""
+    """GraphCast's TASK variables on `num_levels` pressure levels: a standard set
+    (graphcast.config.task_on_levels), else, for sizing, the lowest `num_levels` of ERA5's 37."""
     if num_levels in config_lib.PRESSURE_LEVELS:
-        levels = config_lib.PRESSURE_LEVELS[num_levels]
-    elif 1 <= num_levels <= len(config_lib.PRESSURE_LEVELS_ERA5_37):
-        levels = config_lib.PRESSURE_LEVELS_ERA5_37[-num_levels:]
-    else:
+        return config_lib.task_on_levels(num_levels)
+    if not 1 <= num_levels <= len(config_lib.PRESSURE_LEVELS_ERA5_37):
         raise ValueError(f"--levels must be between 1 and 37, got {num_levels}.")
-    return dataclasses.replace(config_lib.TASK, pressure_levels=levels)
+    return dataclasses.replace(config_lib.TASK,
+                               pressure_levels=config_lib.PRESSURE_LEVELS_ERA5_37[-num_levels:])
 
 
 def _read_checkpoint(path: str) -> tuple:

@@ -22,10 +22,7 @@ def unit_stats(task_config: config_lib.TaskConfig) -> normalization.Stats:
     """Zero means and unit scales for every variable of the task."""
     names = (set(task_config.input_variables) | set(task_config.target_variables)
              | set(task_config.forcing_variables))
-
-    def shape(v):
-        return (len(task_config.pressure_levels),) if v in config_lib.ALL_ATMOSPHERIC_VARS else ()
-
+    shape = task_config.level_shape
     ones = {v: np.ones(shape(v), np.float32) for v in names}
     return normalization.Stats(mean={v: np.zeros(shape(v), np.float32) for v in names},
                                stddev=ones, diffs_stddev=ones)
@@ -34,15 +31,11 @@ def unit_stats(task_config: config_lib.TaskConfig) -> normalization.Stats:
 def batch_shapes(task_config: config_lib.TaskConfig, batch: int, ar_steps: int,
                  height: int, width: int) -> dict:
     """Host-layout batch of abstract float32 arrays."""
-    levels = len(task_config.pressure_levels)
-
     def array(v, steps):
         if v in config_lib.STATIC_VARS:
             shape = (batch, height, width)
-        elif v in config_lib.ALL_ATMOSPHERIC_VARS:
-            shape = (batch, steps, levels, height, width)
         else:
-            shape = (batch, steps, height, width)
+            shape = (batch, steps, *task_config.level_shape(v), height, width)
         return jax.ShapeDtypeStruct(shape, jnp.float32)
 
     return {

@@ -25,6 +25,10 @@ class StatsError(ValueError):
     """Normalization statistics that do not cover the task."""
 
 
+class MissingStatsLevelsError(StatsError, config_lib.MissingLevelsError):
+    """A statistics file lacks pressure levels of the task."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Stats:
     """Per-variable statistics as float32 arrays: scalars, or `[L]` in task level order."""
@@ -60,10 +64,9 @@ def stats_from_datasets(datasets: Mapping[str, xr.Dataset], task_config: config_
         for v in names:
             da = ds[v]
             if "level" in da.dims:
-                absent = sorted(set(levels) - set(int(x) for x in da["level"].values))
-                if absent:
-                    raise StatsError(f"{where}: variable {v!r} has no statistics for pressure "
-                                     f"levels {absent} (it has {[int(x) for x in da['level'].values]}).")
+                config_lib.check_pressure_levels(da["level"].values, levels,
+                                                 f"{where}: variable {v!r}",
+                                                 MissingStatsLevelsError)
                 da = da.sel(level=levels)
             values[v] = np.asarray(da.values, dtype=np.float32)
         selected[kind] = values

@@ -28,6 +28,7 @@ from graphcast import exit_status
 from graphcast import files
 from graphcast import normalization
 from graphcast import rollout
+from graphcast.config import TIME_STEP, TIME_STEP_HOURS
 
 
 class InputDataError(ValueError):
@@ -70,12 +71,12 @@ def check_output(path: str) -> None:
 def predict_dataset(ckpt: checkpoint_lib.CheckPoint, dataset: xr.Dataset,
                     stats: normalization.Stats, steps: int, bf16: bool = False,
                     source: str = "dataset") -> xr.Dataset:
-    """Predictions for `steps` 6-hourly steps after the input window of `dataset` (read from
+    """Predictions for `steps` time steps (TIME_STEP) after the input window of `dataset` (read from
     `source`, named in errors)."""
     task = ckpt.task_config
     checkpoint_lib.check_grid(ckpt, dataset["lat"].values)
     inputs, targets, forcings = data_utils.extract_inputs_targets_forcings(
-        dataset, target_lead_times=slice("6h", f"{6 * steps}h"), **task.official_fields())
+        dataset, target_lead_times=slice(TIME_STEP, steps * TIME_STEP), **task.official_fields())
     if targets.sizes.get("time", 0) != steps:
         raise ValueError(f"The dataset holds {targets.sizes.get('time', 0)} target times after "
                          f"its input window, but --steps={steps} were requested.")
@@ -103,9 +104,9 @@ def main(argv=None) -> None:
     parser.add_argument("--checkpoint", required=True, help="official-format .npz checkpoint")
     parser.add_argument("--dataset", required=True, help="DeepMind-style example .nc")
     parser.add_argument("--stats-dir", required=True,
-                        help="folder with mean_by_level.nc, stddev_by_level.nc, "
-                             "diffs_stddev_by_level.nc")
-    parser.add_argument("--steps", type=int, required=True, help="6-hour steps to predict")
+                        help=f"folder with {', '.join(normalization.STATS_FILES.values())}")
+    parser.add_argument("--steps", type=int, required=True,
+                        help=f"{TIME_STEP_HOURS}-hour steps to predict")
     parser.add_argument("--output", required=True, help="netCDF file to write")
     parser.add_argument("--bf16", action="store_true", help="run the network in bfloat16")
     args = parser.parse_args(argv)

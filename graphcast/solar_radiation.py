@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-TISR = "toa_incident_solar_radiation"
+from graphcast.config import TISR
+
 TISR_ATTRS = {"units": "J m**-2", "long_name": "TOA incident solar radiation, 1h accumulation"}
 
 _SECONDS_PER_DAY = 86400.0

@@ -34,9 +34,8 @@ def stack_to_grid_nodes(inputs: Mapping[str, jax.Array],
 def output_channel_slices(task_config: config_lib.TaskConfig) -> dict:
     """`{target: slice}` of the decoder's output channels, targets in sorted-name order."""
     slices, start = {}, 0
-    levels = len(task_config.pressure_levels)
     for v in sorted(task_config.target_variables):
-        size = levels if v in config_lib.ALL_ATMOSPHERIC_VARS else 1
+        size = task_config.channels(v)
         slices[v] = slice(start, start + size)
         start += size
     return slices

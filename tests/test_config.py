@@ -3,6 +3,7 @@
 import dataclasses
 
 import numpy as np
+import pandas as pd
 import pytest
 import xarray as xr
 
@@ -87,3 +88,67 @@ def test_missing_statistics_are_named():
     with pytest.raises(normalization.StatsError, match="500"):
         normalization.stats_from_datasets(
             {"mean": other_levels, "stddev": full, "diffs_stddev": full}, t)
+
+
+# ----------------------------------------------------------------------------- domain facts
+
+@pytest.mark.parametrize("name", ["TASK_13", "TASK_13_PRECIP_OUT", "three_frames"])
+def test_channel_count_matches_the_built_model(name):
+    """num_input_channels / num_outputs are the widths of the model's grid encoder and decoder."""
+    import jax
+    from graphcast import memory, rollout
+    t = (dataclasses.replace(config_lib.TASK_13, input_duration="18h") if name == "three_frames"
+         else config_lib.STANDARD_TASKS[name])
+    model = config_lib.ModelConfig(resolution=30.0, mesh_size=1, latent_size=8, gnn_msg_steps=1,
+                                   hidden_layers=1, radius_query_fraction_edge_length=0.6)
+    lat, lon = np.linspace(-90, 90, 7), np.arange(12) * 30.0
+    predictor = rollout.Predictor(model, t, memory.unit_stats(t), lat, lon)
+    params = jax.eval_shape(predictor.init, jax.random.PRNGKey(0),
+                            memory.batch_shapes(t, 1, 1, lat.size, lon.size))
+    encoder = params["grid2mesh_gnn/~_networks_builder/encoder_nodes_grid_nodes_mlp/~/linear_0"]
+    decoder = params["mesh2grid_gnn/~_networks_builder/decoder_nodes_grid_nodes_mlp/~/linear_1"]
+    structural = 3  # cos(lat), sin(lon), cos(lon) of each grid node
+    assert encoder["w"].shape[0] == t.num_input_channels() + structural
+    assert decoder["w"].shape[1] == t.num_outputs()
+    assert t.channels("temperature") == 13 and t.channels("2m_temperature") == 1
+
+
+def test_task_on_levels():
+    assert config_lib.task_on_levels(13) == config_lib.TASK_13
+    assert config_lib.task_on_levels(37) == config_lib.TASK
+    assert config_lib.task_on_levels(25).pressure_levels == config_lib.PRESSURE_LEVELS_HRES_25
+    with pytest.raises(config_lib.TaskConfigError, match=r"12 pressure levels.*\[13, 25, 37\]"):
+        config_lib.task_on_levels(12)
+
+
+def test_missing_pressure_levels_are_one_error_naming_variable_and_levels():
+    """Data, statistics and extraction report absent levels with one check and one base error
+    type; data and statistics keep their own subclasses (exit statuses 4 and 5)."""
+    from data import validate
+    from graphcast import data_utils
+    other_levels = _stats(["2m_temperature", "temperature", "land_sea_mask",
+                           "toa_incident_solar_radiation"], levels=(500, 1000))
+    ds = xr.Dataset({"temperature": (("level",), np.ones(2))}, coords={"level": [500, 1000]})
+    cases = [
+        (lambda: normalization.stats_from_datasets(
+            {"mean": other_levels, "stddev": other_levels, "diffs_stddev": other_levels}, task()),
+         normalization.StatsError, "statistics/mean_by_level.nc: variable 'temperature'"),
+        (lambda: validate.check_levels(ds, (500, 850), "era5.zarr"),
+         validate.DataValidationError, "era5.zarr"),
+        (lambda: data_utils._select_levels(ds, (500, 850)), KeyError, "the dataset's 'level'"),
+    ]
+    for fail, kind, where in cases:
+        with pytest.raises(config_lib.MissingLevelsError) as e:
+            fail()
+        assert isinstance(e.value, kind)
+        assert str(e.value) == (f"{where}: pressure levels [850] hPa required by the task "
+                                "(pressure_levels [500, 850]) are missing; available levels: "
+                                "[500, 1000].")
+
+
+def test_time_step_and_progress_names():
+    assert config_lib.TIME_STEP == pd.Timedelta(hours=config_lib.TIME_STEP_HOURS) \
+        == pd.Timedelta("6h")
+    assert config_lib.GENERATED_FORCING_VARS == ("year_progress_sin", "year_progress_cos",
+                                                 "day_progress_sin", "day_progress_cos")
+    assert set(config_lib.GENERATED_FORCING_VARS) < set(config_lib.PROGRESS_VARS)

@@ -6,7 +6,7 @@ import pytest
 import xarray as xr
 
 from data import sample, stats
-from graphcast import data_utils
+from graphcast import data_utils, normalization
 
 LEVELS = np.array([50, 500, 1000], np.int32)
 
@@ -90,7 +90,7 @@ def test_cli_on_local_cluster_matches_threaded(tmp_path):
                                   dashboard_address=None) as cluster:
         stats.main(["--source", path, "--start", "2020-01-01", "--end", "2020-01-02",
                     "--out", str(tmp_path / "cluster"), "--scheduler", cluster.scheduler_address])
-    for i, name in enumerate(stats.STAT_FILES):
+    for i, name in enumerate(normalization.STATS_FILES.values()):
         got = xr.load_dataset(tmp_path / "cluster" / name)
         assert set(got.data_vars) == set(local[i].data_vars)
         for var in got.data_vars:

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from graphcast import update
+from graphcast import losses, update
 from training import checkpointer as ckpt_lib
 from training import compat, evaluation, optim, writer as writer_lib
 
@@ -223,9 +223,10 @@ def test_format_eta():
 
 # -- evaluation -----------------------------------------------------------------------------------
 
-def test_cell_area_weights():
+def test_latitude_weights_are_cell_areas():
+    """One latitude weighting for the loss and the metrics: cell areas, mean 1."""
     lat = np.linspace(-90, 90, 5)
-    w = evaluation.cell_area_weights(lat)
+    w = losses.latitude_weights(lat)
     assert w.mean() == pytest.approx(1.0)
     # Poles are half-cells (sin(d/4)^2 where other rows have cos(lat) sin(d/2)), symmetric.
     np.testing.assert_allclose(w, w[::-1])
@@ -233,9 +234,14 @@ def test_cell_area_weights():
     ref = np.cos(np.deg2rad(lat)) * np.sin(d / 2)
     ref[[0, -1]] = np.sin(d / 4) ** 2
     np.testing.assert_allclose(w, ref / ref.mean())
-    offset = evaluation.cell_area_weights(np.array([-67.5, -22.5, 22.5, 67.5]))
+    offset = losses.latitude_weights(np.array([-67.5, -22.5, 22.5, 67.5]))
     cosines = np.cos(np.deg2rad([67.5, 22.5, 22.5, 67.5]))
-    np.testing.assert_allclose(offset, cosines / cosines.mean(), rtol=1e-2)
+    np.testing.assert_allclose(offset, cosines / cosines.mean(), rtol=1e-12)
+    # The area between each row's cell edges (half-way to its neighbours, clipped to the poles).
+    for lat in (np.linspace(-90, 90, 181), np.arange(-89.5, 90, 1.0)):
+        edges = np.clip(np.concatenate([lat - 0.5, lat[-1:] + 0.5]), -90, 90)
+        area = np.diff(np.sin(np.deg2rad(edges)))
+        np.testing.assert_allclose(losses.latitude_weights(lat), area / area.mean(), rtol=1e-10)
 
 
 def test_metrics_rmse_bias_acc_persistence():
@@ -254,7 +260,7 @@ def test_metrics_rmse_bias_acc_persistence():
     assert acc.num_examples == 3
     assert m["rmse/geopotential/500/6h"] == pytest.approx(0.5)
     assert m["bias/2m_temperature/12h"] == pytest.approx(0.5)
-    w = evaluation.cell_area_weights(lat)[:, None]
+    w = losses.latitude_weights(lat)[:, None]
     err = (last["geopotential"][:, 1] - truth["geopotential"][:, 1, 1]) ** 2  # level 850, lead 12h
     expected = np.sqrt(np.mean([(e * w).mean() for e in err]))  # sqrt after the time average
     assert m["persistence_rmse/geopotential/850/12h"] == pytest.approx(expected)

@@ -17,6 +17,8 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from graphcast.losses import latitude_weights
+
 # Headline metrics for TensorBoard: (variable, level or None) -> short name.
 HEADLINE = {("geopotential", 500): "z500", ("temperature", 850): "t850",
             ("2m_temperature", None): "t2m", ("mean_sea_level_pressure", None): "msl",
@@ -24,23 +26,11 @@ HEADLINE = {("geopotential", 500): "z500", ("temperature", 850): "t850",
             ("specific_humidity", 700): "q700"}
 
 
-def cell_area_weights(lat: np.ndarray) -> np.ndarray:
-    """WeatherBench2 latitude weights [H]: cell areas on the sphere, normalized to mean 1."""
-    lat = np.asarray(lat, np.float64)
-    if lat.ndim != 1 or lat.size < 2:
-        raise ValueError(f"cell_area_weights needs a 1-D latitude vector of >= 2 rows, got {lat.shape}.")
-    mid = (lat[1:] + lat[:-1]) / 2
-    edges = np.concatenate([[lat[0] - (mid[0] - lat[0])], mid, [lat[-1] + (lat[-1] - mid[-1])]])
-    edges = np.clip(edges, -90.0, 90.0)
-    weights = np.abs(np.sin(np.deg2rad(edges[1:])) - np.sin(np.deg2rad(edges[:-1])))
-    return weights / weights.mean()
-
-
 class MetricsAccumulator:
     """Streams over evaluation batches and reduces to per (variable, level, lead) metrics."""
 
     def __init__(self, lat: np.ndarray, levels: Sequence[int], lead_hours: Sequence[int]):
-        self._w = cell_area_weights(lat)[:, None]  # [H, 1]
+        self._w = latitude_weights(lat)[:, None]  # [H, 1], the training loss's cell areas
         self._levels = tuple(levels)
         self._leads = tuple(int(h) for h in lead_hours)
         self._sums: dict = {}  # (var, level, kind) -> [T] running sum over initial times
