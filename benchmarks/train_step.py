@@ -30,8 +30,6 @@ from graphcast import targets
 from graphcast import update
 
 
-
-
 def step_flops(predictor: rollout.Predictor, direction, abstract_args) -> dict:
     """Matmul FLOPs of the update: executed (with the predictor's remat) and model (without)."""
     executed = flops.matmul_flops(update.update_fn(predictor, direction), *abstract_args)

@@ -13,8 +13,8 @@ import pandas as pd
 import xarray as xr
 
 from graphcast import solar_radiation
-from graphcast.config import DAY_PROGRESS, PROGRESS_VARS, TISR, YEAR_PROGRESS
-from graphcast.config import check_pressure_levels
+from graphcast.config import (DAY_PROGRESS, PROGRESS_VARS, TISR, YEAR_PROGRESS,
+                              check_pressure_levels)
 
 SECONDS_PER_DAY = 86400
 AVG_DAYS_PER_YEAR = 365.24219

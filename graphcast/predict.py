@@ -71,8 +71,8 @@ def check_output(path: str) -> None:
 def predict_dataset(ckpt: checkpoint_lib.CheckPoint, dataset: xr.Dataset,
                     stats: normalization.Stats, steps: int, bf16: bool = False,
                     source: str = "dataset") -> xr.Dataset:
-    """Predictions for `steps` time steps (TIME_STEP) after the input window of `dataset` (read from
-    `source`, named in errors)."""
+    """Predictions for `steps` time steps (TIME_STEP each) after the input window of `dataset`
+    (read from `source`, named in errors)."""
     task = ckpt.task_config
     checkpoint_lib.check_grid(ckpt, dataset["lat"].values)
     inputs, targets, forcings = data_utils.extract_inputs_targets_forcings(
