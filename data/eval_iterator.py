@@ -22,7 +22,8 @@ class EvalIterator(batches.BatchStream):
                  global_batch_size: Optional[int] = None, process_index: Optional[int] = None,
                  process_count: Optional[int] = None, local_device_count: Optional[int] = None,
                  prefetch: int = 2, num_workers: int = 4, prefetch_memory_bytes: int = 2 ** 30,
-                 cache_bytes: int = 256 * 2 ** 20, dask_scheduler: str = "threads"):
+                 cache_bytes: int = 256 * 2 ** 20, dask_scheduler: str = "threads",
+                 worker_processes: bool = False):
         if every < 1:
             raise ValueError(f"every={every} must be >= 1.")
         if global_batch_size is None:
@@ -35,7 +36,8 @@ class EvalIterator(batches.BatchStream):
                          process_count=process_count, local_device_count=local_device_count,
                          prefetch=prefetch, num_workers=num_workers,
                          prefetch_memory_bytes=prefetch_memory_bytes, cache_bytes=cache_bytes,
-                         dask_scheduler=dask_scheduler)
+                         dask_scheduler=dask_scheduler,
+                         worker_processes=worker_processes)
         self.split = tuple(split)
         self.init_times = valid_init_times(self.reader.times, split, task_config.num_input_frames,
                                            num_steps)[::every]

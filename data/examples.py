@@ -11,7 +11,7 @@ Timing: python -m data.examples --source DIR/era5_sample.zarr [--batches 10 --ba
 import argparse
 import time as time_lib
 
-from data.batches import BatchStream, stack_examples
+from data.batches import BatchStream
 from data.eval_iterator import EvalIterator
 from data.splits import DEFAULT_SPLITS, SIX_HOURS, split_bounds, valid_init_times
 from data.train_iterator import TrainIterator
@@ -19,7 +19,7 @@ from data.windows import FrameReader, example_bytes
 from graphcast import config
 
 __all__ = ["BatchStream", "DEFAULT_SPLITS", "EvalIterator", "FrameReader", "SIX_HOURS",
-           "TrainIterator", "example_bytes", "split_bounds", "stack_examples", "valid_init_times"]
+           "TrainIterator", "example_bytes", "split_bounds", "valid_init_times"]
 
 
 def main(argv=None) -> None:

@@ -238,6 +238,19 @@ def _nan_check_block(block: np.ndarray, *, variable: str, times: Optional[np.nda
     return block
 
 
+def check_finite(array: np.ndarray, *, variable: str, time) -> None:
+    """Raises NaNDataError naming `variable` and `time` if `array` holds a NaN or Inf. One sum
+    decides for finite data (a NaN or Inf anywhere makes it non-finite); only a non-finite sum,
+    which finite values can also give by overflowing, is looked at element by element."""
+    if np.isfinite(np.sum(array)):
+        return
+    kinds = " and ".join(k for k, found in (("NaN", np.isnan(array).any()),
+                                            ("Inf", np.isinf(array).any())) if found)
+    if kinds:
+        raise NaNDataError(f"{kinds} found in variable {variable!r} at time(s) "
+                           f"{_show(pd.DatetimeIndex([time]))}.")
+
+
 def nan_checked(ds: xr.Dataset) -> xr.Dataset:
     """Lazily wraps every floating dask-backed variable so that computing a chunk holding a NaN
     or Inf raises NaNDataError naming the variable and the times."""
