@@ -257,7 +257,9 @@ def nan_checked(ds: xr.Dataset) -> xr.Dataset:
     out = ds.copy()
     times = ds["time"].values if "time" in ds.coords else None
     for name, var in ds.data_vars.items():
-        if not isinstance(var.data, da.Array) or not np.issubdtype(var.dtype, np.floating):
+        # var.chunks first: .data of a lazily indexed variable would read all of it.
+        if var.chunks is None or not isinstance(var.data, da.Array) or \
+                not np.issubdtype(var.dtype, np.floating):
             continue
         axis = var.dims.index("time") if "time" in var.dims and times is not None else None
         data = var.data.map_blocks(_nan_check_block, variable=name, times=times, time_axis=axis,
