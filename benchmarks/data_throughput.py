@@ -132,9 +132,10 @@ def read_examples(url: str, opts, num: int, subsample_grid: bool = False, task=T
 
 
 def read_pipeline(url: str, opts, task, resolution: float, *, workers: int, processes: bool,
-                  batch: int, batches: int) -> tuple:
+                  batch: int, batches: int, repeat: int = 1) -> tuple:
     """(seconds, bytes, example bytes) of `batches` batches (after one warm-up batch, which
-    starts the workers) from the experiment's training iterator over `url`."""
+    starts the workers) from the experiment's training iterator over `url`; the fastest of
+    `repeat` such runs."""
     from configs import base  # pylint: disable=import-outside-toplevel
     from training import data_input  # pylint: disable=import-outside-toplevel
     data_cfg = base.get_base_config(task).experiment_kwargs.config.data
@@ -145,14 +146,16 @@ def read_pipeline(url: str, opts, task, resolution: float, *, workers: int, proc
     with source.train_iterator(global_batch_size=batch, num_steps=1, max_num_steps=1,
                                cache_bytes=0) as iterator:
         iterator.next()
-        start, nbytes = time.perf_counter(), 0
-        for _ in range(batches):
-            out = iterator.next()
-            nbytes += sum(a.nbytes for part in ("inputs", "targets", "forcings")
-                          for a in out[part].values())
-        seconds = time.perf_counter() - start
+        timings = []
+        for _ in range(repeat):
+            start, nbytes = time.perf_counter(), 0
+            for _ in range(batches):
+                out = iterator.next()
+                nbytes += sum(a.nbytes for part in ("inputs", "targets", "forcings")
+                              for a in out[part].values())
+            timings.append((time.perf_counter() - start, nbytes))
         example = windows.example_bytes(iterator.reader, 1)
-    return seconds, nbytes, example
+    return min(timings) + (example,)
 
 
 def report(label: str, seconds: float, nbytes: int, num: int) -> float:
@@ -168,13 +171,15 @@ def measure(url: str, opts, args, task, prefix: str = "") -> dict:
                zarr.open_group(url, mode="r"))["time"].shape[0]
     num = args.examples or n_times - STEPS_PER_EXAMPLE + 1
     where = prefix.rstrip("_") or "local"
-    raw = report(f"{where}, plain zarr read", *read_plain(url, opts, num, task), num)
-    ex = report(f"{where}, examples", *read_examples(url, opts, num, task=task,
-                                                     resolution=args.resolution), num)
-    batches = args.batches or max(1, -(-2 * num // args.batch))
+    raw = report(f"{where}, plain zarr read",
+                 *min(read_plain(url, opts, num, task) for _ in range(args.repeat)), num)
+    ex = report(f"{where}, examples", *min(
+        read_examples(url, opts, num, task=task, resolution=args.resolution)
+        for _ in range(args.repeat)), num)
+    batches = args.batches or max(1, -(-num // args.batch))
     seconds, nbytes, example = read_pipeline(
         url, opts, task, args.resolution, workers=args.workers, processes=not args.threads,
-        batch=args.batch, batches=batches)
+        batch=args.batch, batches=batches, repeat=args.repeat)
     pipe = report(f"{where}, pipeline ({args.workers} "
                   f"{'threads' if args.threads else 'processes'})", seconds, nbytes,
                   batches * args.batch)
@@ -197,7 +202,9 @@ def main() -> None:
                    help="pipeline readers are threads (default: worker processes)")
     p.add_argument("--batch", type=int, default=2, help="pipeline global batch (1 host)")
     p.add_argument("--batches", type=int, default=None,
-                   help="pipeline batches timed (default: about two passes over the examples)")
+                   help="pipeline batches per timed run (default: one pass over the examples)")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="each figure is the fastest of this many runs (shared machines)")
     p.add_argument("--no-emulator", action="store_true", help="local zarr only")
     p.add_argument("--json", action="store_true", help="last line: one JSON object")
     p.add_argument("--strided", action="store_true",

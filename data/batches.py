@@ -121,7 +121,7 @@ class BatchStream:
             for f in futures:
                 f.cancel()
             if shared is not None:
-                shared.release()
+                shared.release_when_done(futures)
 
     def next(self, num_steps: Optional[int] = None) -> dict:
         """The next host batch; `num_steps` (if given) sets the rollout length first."""
@@ -140,12 +140,10 @@ class BatchStream:
             self._next += self.global_batch_size
             if self._prefetch:
                 self._fill()   # queue the following batches before waiting on this one
-        try:
-            for f in futures:
-                f.result()
-        finally:
-            if shared is not None:
-                shared.release()
+        if shared is not None:
+            shared.release_when_done(futures)
+        for f in futures:
+            f.result()
         leading = (self.local_device_count, self.per_host // self.local_device_count)
         batch = {part: {n: a.reshape(leading + a.shape[1:]) for n, a in names.items()}
                  for part, names in arrays.items()}

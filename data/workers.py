@@ -5,7 +5,8 @@ lazily indexed zarr that is its metadata, not its data), so decoding, NaN checks
 as many cores as there are workers, free of the parent's GIL. A batch lives in one file under
 /dev/shm mapped by the parent and the workers: a worker writes its example into its slot, and the
 parent hands out numpy views of the mapping, with no copy and no pickling of arrays. The file is
-removed once the batch is complete (or dropped); the memory goes when the last view does.
+unlinked at once (workers open it through the parent's descriptor) and closed once the batch is
+complete or dropped; the memory goes when the last view does.
 """
 
 import concurrent.futures
@@ -13,6 +14,7 @@ import mmap
 import multiprocessing
 import os
 import tempfile
+import threading
 from typing import Mapping, Optional
 
 import numpy as np
@@ -67,25 +69,45 @@ def views(buffer, placed: Mapping) -> dict:
 
 
 class SharedBatch:
-    """One batch's arrays in a /dev/shm file that worker processes open by `path`."""
+    """One batch's arrays in a /dev/shm file that worker processes open by `path`.
+
+    Where /proc exists the file is unlinked at once and workers open it through this process's
+    descriptor (/proc/PID/fd/N), so nothing is left in /dev/shm even if the process is killed."""
 
     def __init__(self, layout: Mapping, rows: int):
         self.placed, size = offsets(layout, rows)
         folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-        fd, self.path = tempfile.mkstemp(prefix="graphcast-batch-", dir=folder)
-        try:
-            os.ftruncate(fd, size)
-            self._buffer = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
+        self._fd, self.path = tempfile.mkstemp(prefix="graphcast-batch-", dir=folder)
+        os.ftruncate(self._fd, size)
+        self._buffer = mmap.mmap(self._fd, size)
+        by_descriptor = f"/proc/{os.getpid()}/fd/{self._fd}"
+        if os.path.exists(by_descriptor):
+            os.unlink(self.path)
+            self.path = by_descriptor
         self.arrays = views(self._buffer, self.placed)
 
-    def release(self) -> None:
-        """Removes the file; the arrays stay valid while referenced."""
-        try:
+    def release_when_done(self, futures: list) -> None:
+        """Closes the file (and removes it if still named) once every read into it has finished
+        or been cancelled: a descriptor number closed earlier could be reused by another batch
+        and opened by a late worker. The arrays stay valid while referenced."""
+        pending = [len(futures)]
+        lock = threading.Lock()
+
+        def one_done(_):
+            with lock:
+                pending[0] -= 1
+                last = pending[0] == 0
+            if last:
+                self._close()
+        if not futures:
+            self._close()
+        for f in futures:
+            f.add_done_callback(one_done)
+
+    def _close(self) -> None:
+        os.close(self._fd)
+        if not self.path.startswith("/proc/"):
             os.unlink(self.path)
-        except FileNotFoundError:
-            pass
 
 
 class ProcessReaders:
