@@ -6,7 +6,7 @@ import time
 from absl import logging as absl_logging
 
 from configs import base
-from data import sample, sources
+from data import sample
 from graphcast import config
 from training import data_input
 
