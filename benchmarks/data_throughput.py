@@ -1,19 +1,33 @@
-"""Data throughput at 1 degree / 13 levels: printed figures, not a timed test.
+"""Throughput of the whole input path, from stored ERA5 chunks to the experiment's batches.
 
-An "example" is what one training step with 2 input frames and 1 target step needs: 3 consecutive
-6-hourly states of every TASK_13 variable, read through `data.sources.open_source` (validation,
-level selection, latitude flip, NaN check, progress features) into numpy float32. Next to it,
-a plain read of the same chunks with zarr alone (no xarray/dask) gives the storage ceiling.
-Both are measured from a local zarr and from gcp-storage-emulator (separate process, loopback).
+Three figures, measured side by side on the same store:
+  raw_mb_s       plain zarr read (zarr alone, no xarray/dask) of exactly the chunks the examples
+                 use: the storage's speed on one core;
+  examples_mb_s  examples through the data layer (`open_source(use_dask=False)` + the frame
+                 reader: level selection, latitude flip, NaN check, progress features), one at a
+                 time;
+  pipeline_mb_s  the experiment's training input iterator, built as the experiment builds it
+                 (`training.data_input.Source.train_iterator`: batches for the local devices,
+                 `--workers` readers, processes unless `--threads`, prefetch 2); frame cache off,
+                 so no frame is read twice whatever the shuffled order.
+An example is what a training step with 2 input frames and 1 target step needs; MB/s count the
+bytes of the float32 arrays each path returns (example_bytes per example for the last two).
 
-    python benchmarks/data_throughput.py                 # synthetic 2-day zarr in a temp dir
-    python benchmarks/data_throughput.py --path DIR.zarr # an existing WeatherBench2-layout zarr
-    python benchmarks/data_throughput.py --strided       # 1-degree examples from a 0.25-degree
-                                                         # zarr (every 4th point) vs a prepared copy
+    python benchmarks/data_throughput.py --resolution 1.0 --levels 13 --no-emulator --json
+    python benchmarks/data_throughput.py --resolution 0.25 --levels 37 --no-emulator --workers 2
+    python benchmarks/data_throughput.py --path DIR.zarr   # an existing WeatherBench2-layout zarr
+    python benchmarks/data_throughput.py --strided         # 1-degree examples from a 0.25-degree
+                                                           # zarr (every 4th point) vs a prepared copy
+
+The synthetic store has WeatherBench2's layout (one time step per chunk, whole grid, blosc lz4,
+every variable of the task at exactly its levels, random float32): 8 time steps at 1 degree, 4 at
+0.25 degrees (a 0.25-degree 37-level frame is 0.94 GB). With the emulator (default) the same
+figures are measured again through gcp-storage-emulator on loopback (keys prefixed emulator_).
 """
 
 import argparse
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -29,13 +43,13 @@ for _key, _value in {"GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",  # keep clien
                      "GCE_METADATA_IP": "127.0.0.1:1", "NO_GCE_CHECK": "True"}.items():
     os.environ.setdefault(_key, _value)
 
-import dask  # noqa: E402
 import pandas as pd  # noqa: E402
 import xarray as xr  # noqa: E402
 import zarr  # noqa: E402
 
-from data import gcs, sources  # noqa: E402
-from graphcast.config import PROGRESS_VARS, TASK_13, TIME_STEP, TIME_STEP_HOURS  # noqa: E402
+from data import gcs, sources, windows  # noqa: E402
+from graphcast import config as gc_config  # noqa: E402
+from graphcast.config import TASK_13  # noqa: E402
 
 STEPS_PER_EXAMPLE = 3
 _EMULATOR = """
@@ -46,44 +60,48 @@ create_server("127.0.0.1", int(sys.argv[1]), in_memory=True, default_bucket="ben
 """
 
 
-def synthetic_zarr(path: str, days: int, seed: int = 0, resolution: float = 1.0) -> None:
-    """WeatherBench2-layout 13-level zarr with every TASK_13 variable (incl. TOA), one time step
-    per chunk (as WeatherBench2 stores it)."""
+def synthetic_zarr(path: str, days: float, seed: int = 0, resolution: float = 1.0,
+                   levels: int = 13) -> None:
+    """WeatherBench2-layout zarr with every variable of the task on `levels` (incl. TOA), one
+    time step per chunk holding the whole grid (as WeatherBench2 stores it); written one time
+    step at a time so that 0.25-degree frames never sit in memory together."""
     rng = np.random.default_rng(seed)
-    times = pd.date_range("2020-01-01", periods=days * (24 // TIME_STEP_HOURS),
-                          freq=TIME_STEP)
+    times = pd.date_range("2020-01-01", periods=int(round(days * 24 / gc_config.TIME_STEP_HOURS)),
+                          freq=gc_config.TIME_STEP)
     n_lat = int(round(180 / resolution))
     lat, lon = np.linspace(90, -90, n_lat + 1), np.arange(2 * n_lat) * resolution
-    levels = np.asarray(TASK_13.pressure_levels)
-    coords = {"time": times, "level": levels, "latitude": lat, "longitude": lon}
-    ds = xr.Dataset(coords=coords)
-    for name in sources.task_variables(TASK_13):
-        if name in PROGRESS_VARS:
+    task = gc_config.task_on_levels(levels)
+    coords = {"time": times, "level": np.asarray(task.pressure_levels), "latitude": lat,
+              "longitude": lon}
+    template, dynamic = xr.Dataset(coords=coords), []
+    for name in sources.task_variables(task):
+        if name in gc_config.PROGRESS_VARS:
             continue
         dims = tuple({"lat": "latitude", "lon": "longitude"}.get(d, d)
                      for d in sources.validate.expected_dims(name))
         shape = tuple(len(coords[d]) for d in dims)
-        ds[name] = (dims, rng.standard_normal(shape, dtype=np.float32))
-    ds.chunk({"time": 1}).to_zarr(path, mode="w", zarr_format=2, consolidated=True)
+        if "time" in dims:
+            import dask.array as da  # pylint: disable=import-outside-toplevel
+            chunks = (1,) + shape[1:]
+            template[name] = (dims, da.zeros(shape, dtype=np.float32, chunks=chunks))
+            dynamic.append(name)
+        else:
+            template[name] = (dims, rng.standard_normal(shape, dtype=np.float32))
+            template[name].encoding["chunks"] = shape   # one chunk, as WeatherBench2
+    template.to_zarr(path, mode="w", zarr_format=2, consolidated=True, compute=False)
+    xr.Dataset({n: template[n] for n in template.data_vars if n not in dynamic}).to_zarr(
+        path, mode="r+", zarr_format=2)
+    for t in range(len(times)):
+        step = xr.Dataset({n: (template[n].dims, rng.standard_normal(
+            (1,) + template[n].shape[1:], dtype=np.float32)) for n in dynamic})
+        step.to_zarr(path, region={"time": slice(t, t + 1)}, zarr_format=2)
 
 
-def read_examples(url: str, opts, num: int, subsample_grid: bool = False) -> tuple:
-    """Seconds and bytes (of 1-degree examples) to read `num` examples through open_source."""
-    ds = sources.open_source(url, task_config=TASK_13, resolution=1.0, storage_options=opts,
-                             subsample_grid=subsample_grid)
-    start, nbytes = time.perf_counter(), 0
-    for i in range(num):
-        window = ds.isel(time=slice(i, i + STEPS_PER_EXAMPLE)).compute()
-        arrays = {k: np.asarray(v.values, np.float32) for k, v in window.data_vars.items()}
-        nbytes += sum(a.nbytes for a in arrays.values())
-    return time.perf_counter() - start, nbytes
-
-
-def read_plain(url: str, opts, num: int) -> tuple:
-    """Seconds and bytes to read the same chunks with zarr alone."""
+def read_plain(url: str, opts, num: int, task=TASK_13) -> tuple:
+    """Seconds and bytes to read, with zarr alone, the chunks of `num` examples."""
     group = zarr.open_group(url, mode="r", storage_options=opts) if opts else \
         zarr.open_group(url, mode="r")
-    names = [n for n in sources.task_variables(TASK_13) if n in group]
+    names = [n for n in sources.task_variables(task) if n in group]
     start, nbytes = time.perf_counter(), 0
     for i in range(num):
         for n in names:
@@ -94,47 +112,127 @@ def read_plain(url: str, opts, num: int) -> tuple:
     return time.perf_counter() - start, nbytes
 
 
-def report(label: str, seconds: float, nbytes: int, num: int) -> None:
-    print(f"{label:<34s} {num / seconds:8.2f} examples/s {nbytes / seconds / 1e6:9.1f} MB/s "
-          f"({num} examples, {nbytes / 1e6:.0f} MB, {seconds:.2f} s)")
+def read_examples(url: str, opts, num: int, subsample_grid: bool = False, task=TASK_13,
+                  resolution: float = 1.0) -> tuple:
+    """Seconds and bytes to read `num` examples one at a time through the data layer."""
+    ds = sources.open_source(url, task_config=task, resolution=resolution, storage_options=opts,
+                             subsample_grid=subsample_grid, use_dask=False)
+    reader = windows.FrameReader(ds, task, cache_bytes=0)
+    init_times = reader.times[task.num_input_frames - 1:][:num]
+    start, nbytes = time.perf_counter(), 0
+    for t in init_times:
+        example = reader.read(t, 1)
+        nbytes += sum(a.nbytes for part in example.values() for a in part.values())
+    return time.perf_counter() - start, nbytes
+
+
+def read_pipeline(url: str, opts, task, resolution: float, *, workers: int, processes: bool,
+                  batch: int, batches: int, repeat: int = 1) -> tuple:
+    """(seconds, bytes, example bytes) of `batches` batches (after one warm-up batch, which
+    starts the workers) from the experiment's training iterator over `url`; the fastest of
+    `repeat` such runs."""
+    from configs import base  # pylint: disable=import-outside-toplevel
+    from training import data_input  # pylint: disable=import-outside-toplevel
+    data_cfg = base.get_base_config(task).experiment_kwargs.config.data
+    data_cfg.update(dict(source=url, workers=workers, worker_processes=processes,
+                         train_start="2000", train_end="2100", global_batch_size=batch,
+                         storage_options=dict(opts or {})))
+    source = data_input.Source(data_cfg, task, resolution)
+    with source.train_iterator(global_batch_size=batch, num_steps=1, max_num_steps=1,
+                               cache_bytes=0) as iterator:
+        iterator.next()
+        timings = []
+        for _ in range(repeat):
+            start, nbytes = time.perf_counter(), 0
+            for _ in range(batches):
+                out = iterator.next()
+                nbytes += sum(a.nbytes for part in ("inputs", "targets", "forcings")
+                              for a in out[part].values())
+            timings.append((time.perf_counter() - start, nbytes))
+        example = windows.example_bytes(iterator.reader, 1)
+    return min(timings) + (example,)
+
+
+def report(label: str, seconds: float, nbytes: int, num: int) -> float:
+    rate = nbytes / seconds / 1e6
+    print(f"{label:<34s} {num / seconds:8.2f} examples/s {rate:9.1f} MB/s "
+          f"({num} examples, {nbytes / 1e6:.0f} MB, {seconds:.2f} s)", flush=True)
+    return rate
+
+
+def measure(url: str, opts, args, task, prefix: str = "") -> dict:
+    """The three figures for one store; keys prefixed with `prefix`."""
+    n_times = (zarr.open_group(url, mode="r", storage_options=opts) if opts else
+               zarr.open_group(url, mode="r"))["time"].shape[0]
+    num = args.examples or n_times - STEPS_PER_EXAMPLE + 1
+    where = prefix.rstrip("_") or "local"
+    raw = report(f"{where}, plain zarr read",
+                 *min(read_plain(url, opts, num, task) for _ in range(args.repeat)), num)
+    ex = report(f"{where}, examples", *min(
+        read_examples(url, opts, num, task=task, resolution=args.resolution)
+        for _ in range(args.repeat)), num)
+    batches = args.batches or max(1, -(-num // args.batch))
+    seconds, nbytes, example = read_pipeline(
+        url, opts, task, args.resolution, workers=args.workers, processes=not args.threads,
+        batch=args.batch, batches=batches, repeat=args.repeat)
+    pipe = report(f"{where}, pipeline ({args.workers} "
+                  f"{'threads' if args.threads else 'processes'})", seconds, nbytes,
+                  batches * args.batch)
+    return {f"{prefix}raw_mb_s": round(raw, 1), f"{prefix}examples_mb_s": round(ex, 1),
+            f"{prefix}pipeline_mb_s": round(pipe, 1), f"{prefix}example_bytes": example,
+            f"{prefix}examples_per_s": round(batches * args.batch / seconds, 3)}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--path", help="existing 1-degree 13-level WeatherBench2-layout zarr")
-    p.add_argument("--days", type=int, default=2, help="days of synthetic data (no --path)")
-    p.add_argument("--examples", type=int, default=None, help="examples per measurement")
+    p.add_argument("--resolution", type=float, default=1.0, choices=(1.0, 0.25))
+    p.add_argument("--levels", type=int, default=13, choices=(13, 37))
+    p.add_argument("--path", help="existing WeatherBench2-layout zarr at --resolution")
+    p.add_argument("--days", type=float, default=None,
+                   help="days of synthetic data (default 2 at 1 degree, 1 at 0.25)")
+    p.add_argument("--examples", type=int, default=None, help="examples per raw/examples pass")
+    p.add_argument("--workers", type=int, default=2, help="pipeline readers (data.workers)")
+    p.add_argument("--threads", action="store_true",
+                   help="pipeline readers are threads (default: worker processes)")
+    p.add_argument("--batch", type=int, default=2, help="pipeline global batch (1 host)")
+    p.add_argument("--batches", type=int, default=None,
+                   help="pipeline batches per timed run (default: one pass over the examples)")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="each figure is the fastest of this many runs (shared machines)")
     p.add_argument("--no-emulator", action="store_true", help="local zarr only")
+    p.add_argument("--json", action="store_true", help="last line: one JSON object")
     p.add_argument("--strided", action="store_true",
                    help="0.25-degree synthetic zarr read at 1 degree vs its data.prepare copy")
     args = p.parse_args()
     if args.strided:
-        strided(args.days, args.no_emulator)
+        strided(args.days or 2, args.no_emulator)
         return
-    tmp = tempfile.TemporaryDirectory()
+    task = gc_config.task_on_levels(args.levels)
+    tmp = tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP"))
     path = args.path
     if path is None:
         path = os.path.join(tmp.name, "bench.zarr")
+        days = args.days or (2 if args.resolution == 1.0 else 1)
         t0 = time.perf_counter()
-        synthetic_zarr(path, args.days)
-        print(f"synthetic zarr: {args.days} days in {time.perf_counter() - t0:.1f} s")
-    n_times = xr.open_zarr(path).sizes["time"]
-    num = args.examples or n_times - STEPS_PER_EXAMPLE + 1
-    print(f"{path}: {n_times} times; dask threads={dask.system.CPU_COUNT}")
-    report("local zarr, plain zarr read", *read_plain(path, None, num), num)
-    report("local zarr, open_source examples", *read_examples(path, None, num), num)
-    if args.no_emulator:
-        return
-    with emulator() as endpoint:
-        opts = {"token": "anon", "endpoint_url": endpoint}
-        t0 = time.perf_counter()
-        gcs.filesystem("gs://bench", opts).put(path.rstrip("/"), "bench/era5.zarr",
-                                               recursive=True)
-        print(f"uploaded to the emulator in {time.perf_counter() - t0:.1f} s")
-        url = "gs://bench/era5.zarr"
-        report("emulator, plain zarr read", *read_plain(url, opts, num), num)
-        report("emulator, open_source examples", *read_examples(url, opts, num), num)
+        synthetic_zarr(path, days, resolution=args.resolution, levels=args.levels)
+        print(f"synthetic zarr: {args.resolution:g} deg, {args.levels} levels, {days:g} days in "
+              f"{time.perf_counter() - t0:.1f} s", flush=True)
+    result = {"resolution": args.resolution, "levels": args.levels, "workers": args.workers,
+              "worker_processes": not args.threads, "cores": os.cpu_count()}
+    result.update(measure(path, None, args, task))
+    if not args.no_emulator:
+        with emulator() as endpoint:
+            opts = {"token": "anon", "endpoint_url": endpoint}
+            t0 = time.perf_counter()
+            gcs.filesystem("gs://bench", opts).put(path.rstrip("/"), "bench/era5.zarr",
+                                                   recursive=True)
+            print(f"uploaded to the emulator in {time.perf_counter() - t0:.1f} s", flush=True)
+            result.update(measure("gs://bench/era5.zarr", opts, args, task, "emulator_"))
+    for key in ("examples", "pipeline"):
+        result[f"{key}_vs_raw"] = round(result[f"{key}_mb_s"] / result["raw_mb_s"], 2)
+    if args.json:
+        print(json.dumps(result))
 
 
 def strided(days: int, no_emulator: bool) -> None:

@@ -58,7 +58,11 @@ def get_base_config(task: gc_config.TaskConfig) -> config_dict.ConfigDict:
         eval_start="2016-01-01", eval_end="2017-12-31",
         seed=0,                      # shuffling seed (epoch order is a function of seed, epoch)
         prefetch=2,                  # batches prepared ahead of the step
-        workers=4,                   # reader threads
+        workers=4,                   # readers: threads, or processes with worker_processes
+        worker_processes=False,      # read examples in `workers` processes (per-example work on
+                                     # that many cores, not one GIL); same batches either way
+        wait_warn_fraction=0.1,      # warn once when training waits for data more than this
+        wait_warn_steps=50,          # ... fraction of the time over this many steps
         generate_sample_dir="",      # if set and `source` is missing: python -m data.sample --out
         graph_cache_dir="",          # where built graphs are cached ('' = no cache)
         storage_options={},          # gcsfs options (endpoint_url, project...); never credentials

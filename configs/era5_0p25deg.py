@@ -39,7 +39,8 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
     exp.data.update(dict(source=ARCO_ERA5_0P25, stats_dir=DM_STATS, global_batch_size=32,
                          train_start="1979-01-01", train_end="2017-12-31",
                          eval_start="2018-01-01", eval_end="2018-12-31",
-                         prefetch=2, workers=16, graph_cache_dir="runs/graph_cache"))
+                         prefetch=2, workers=16, worker_processes=True,
+                         graph_cache_dir="runs/graph_cache"))
 
     # training: memory is the constraint at this size. 12-step update per device with offloaded
     # windows: H100 30.3 GiB (60.9 without); TPU v4 31.0 GiB, 0.24 over its usable 30.75 (README)

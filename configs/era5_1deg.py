@@ -46,7 +46,8 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
                          global_batch_size=32,
                          train_start="1979-01-01", train_end="2015-12-31",
                          eval_start="2016-01-01", eval_end="2017-12-31",
-                         prefetch=4, workers=8, graph_cache_dir="runs/graph_cache"))
+                         prefetch=4, workers=8, worker_processes=True,
+                         graph_cache_dir="runs/graph_cache"))
 
     # training: bf16 activations and per-AR-step remat keep the 12-step curriculum in memory
     exp.training.update(dict(bf16=True, remat_steps=True))

@@ -41,7 +41,7 @@ def open_source(url: str, *, task_config: TaskConfig, resolution: Optional[float
                 storage_options: Optional[dict] = None, chunks: Optional[Mapping] = None,
                 allow_lon_shift: bool = True, strict_dims: bool = False,
                 check_nans: bool = True, derive_forcings: bool = True,
-                subsample_grid: bool = False) -> xr.Dataset:
+                subsample_grid: bool = False, use_dask: bool = True) -> xr.Dataset:
     """Opens `url` (zarr dir, gs:// zarr, or netCDF file) lazily in the normalized layout.
 
     resolution: the model's grid spacing in degrees; the grid is checked against it if given.
@@ -53,8 +53,12 @@ def open_source(url: str, *, task_config: TaskConfig, resolution: Optional[float
     check_nans: computing a chunk that holds a NaN raises NaNDataError (variable and time named).
     derive_forcings: add absent TOA radiation and progress features (else leave them out, e.g.
       to compute them after subsampling the grid).
+    use_dask: False opens the stored variables as xarray's lazily indexed arrays: indexing one
+      time reads just its chunks, with none of dask's per-task cost (what data.windows reads
+      examples from). Only derived variables are dask-backed then, and the NaN check is left to
+      the reader (attrs["check_nans"]); never call .values on a whole stored variable of it.
     """
-    raw = open_raw(url, storage_options=storage_options, chunks=chunks)
+    raw = open_raw(url, storage_options=storage_options, chunks=chunks, use_dask=use_dask)
     return normalize(raw, task_config=task_config, resolution=resolution, source=url,
                      allow_lon_shift=allow_lon_shift, strict_dims=strict_dims,
                      check_nans=check_nans, derive_forcings=derive_forcings,
@@ -68,9 +72,10 @@ def is_netcdf(url: str) -> bool:
 
 
 def open_raw(url: str, *, storage_options: Optional[dict] = None,
-             chunks: Optional[Mapping] = None) -> xr.Dataset:
-    """Opens the store as it is on disk (dask-backed), with errors that name `url`."""
-    chunks = {} if chunks is None else dict(chunks)
+             chunks: Optional[Mapping] = None, use_dask: bool = True) -> xr.Dataset:
+    """Opens the store as it is on disk (dask-backed unless `use_dask` is False), with errors
+    that name `url`."""
+    chunks = ({} if chunks is None else dict(chunks)) if use_dask else None
     if gcs.is_gcs(url):
         gcs.check_exists(url, storage_options)
     elif not os.path.exists(url):
@@ -79,9 +84,9 @@ def open_raw(url: str, *, storage_options: Optional[dict] = None,
         if gcs.is_gcs(url):
             fs = gcs.filesystem(url, storage_options)
             handle = gcs.with_retries(lambda: fs.open(url.split("://", 1)[1], "rb"), url=url)
-            return xr.open_dataset(handle, engine="h5netcdf", chunks=chunks)
+            return xr.open_dataset(handle, engine="h5netcdf", chunks=chunks, cache=False)
         try:
-            return xr.open_dataset(url, chunks=chunks)
+            return xr.open_dataset(url, chunks=chunks, cache=False)
         except Exception as e:  # noqa: BLE001 -- empty, truncated or not netCDF: name the file
             raise validate.CorruptDataError(f"{url} is not a readable netCDF file (empty, "
                                             f"truncated or another format?): {e}") from e
@@ -89,6 +94,10 @@ def open_raw(url: str, *, storage_options: Optional[dict] = None,
     with warnings.catch_warnings():
         # Non-consolidated stores are fine; xarray warns before falling back to listing.
         warnings.filterwarnings("ignore", message=".*consolidated metadata.*")
+        if not use_dask:
+            return gcs.with_retries(
+                lambda: xr.open_dataset(url, engine="zarr", chunks=None, cache=False,
+                                        storage_options=opts, consolidated=None), url=url)
         return gcs.with_retries(
             lambda: xr.open_zarr(url, chunks=chunks, storage_options=opts, consolidated=None),
             url=url)
@@ -129,6 +138,8 @@ def _six_hourly(ds: xr.Dataset, step: pd.Timedelta, derive_tp6: bool) -> xr.Data
     out = ds.drop_vars(TP_HOURLY, errors="ignore").isel(time=idx)
     if derive_tp6:
         tp = ds[TP_HOURLY]
+        if tp.chunks is None:   # lazily indexed: a sum over all times must not load them
+            tp = tp.chunk({"time": 1})
         total = sum(tp.isel(time=idx - j).data for j in range(k))  # (time, lat, lon)
         out[TP6] = (tp.dims, total, {**tp.attrs, "long_name": "6-hour accumulated precipitation",
                                      "derived_from": f"sum of {k} {TP_HOURLY} steps ending at t"})
@@ -171,7 +182,7 @@ def normalize(ds: xr.Dataset, *, task_config: TaskConfig, resolution: Optional[f
         if name in reordered:
             ds[name] = ds[name].transpose(*validate.expected_dims(name))
     if atmospheric:
-        ds = ds.sel(level=levels)
+        ds = ds.isel(level=level_indexer(ds["level"].values, levels))
         ds = ds.assign_coords(level=ds["level"].values.astype(np.int32))
     elif "level" in ds.dims or "level" in ds.coords:
         ds = ds.drop_dims("level", errors="ignore").drop_vars("level", errors="ignore")
@@ -190,8 +201,21 @@ def normalize(ds: xr.Dataset, *, task_config: TaskConfig, resolution: Optional[f
         ds = add_derived_forcings(ds, wanted)
     ds = ds[[v for v in wanted if v in ds.data_vars] +
             [v for v in PROGRESS_VARS if v in ds.data_vars and v not in wanted]]
-    ds.attrs = {**ds.attrs, "normalized_from": source or "<dataset>", "subsample_stride": stride}
+    ds.attrs = {**ds.attrs, "normalized_from": source or "<dataset>", "subsample_stride": stride,
+                "check_nans": int(check_nans)}
     return validate.nan_checked(ds) if check_nans else ds
+
+
+def level_indexer(have: np.ndarray, levels: Sequence[int]):
+    """Positions of `levels` in the stored `have`, as a slice when they are a run (the usual
+    case: the store holds just the task's levels), so that reading one time stays a plain chunk
+    read instead of an element-wise (orthogonal) selection."""
+    positions = [int(np.nonzero(np.asarray(have) == lev)[0][0]) for lev in levels]
+    step = positions[1] - positions[0] if len(positions) > 1 else 1
+    if step in (1, -1) and positions == list(range(positions[0], positions[-1] + step, step)):
+        stop = positions[-1] + step
+        return slice(positions[0], None if stop < 0 else stop, step)
+    return positions
 
 
 def grid_stride(lat: np.ndarray, resolution: float) -> int:
@@ -224,7 +248,7 @@ def _time_chunks(ds: xr.Dataset) -> tuple:
     for var in ds.data_vars.values():
         if "time" in var.dims and var.chunks is not None:
             return var.chunks[var.dims.index("time")]
-    return (ds.sizes["time"],)
+    return (1,) * ds.sizes["time"]   # no dask variable: one task per time
 
 
 def _toa_block(nanoseconds: np.ndarray, lat: np.ndarray, lon: np.ndarray) -> np.ndarray:

@@ -235,13 +235,28 @@ def _nan_check_block(block: np.ndarray, *, variable: str, times: Optional[np.nda
     return block
 
 
+def check_finite(array: np.ndarray, *, variable: str, time) -> None:
+    """Raises NaNDataError naming `variable` and `time` if `array` holds a NaN or Inf. One sum
+    decides for finite data (a NaN or Inf anywhere makes it non-finite); only a non-finite sum,
+    which finite values can also give by overflowing, is looked at element by element."""
+    if np.isfinite(np.sum(array)):
+        return
+    kinds = " and ".join(k for k, found in (("NaN", np.isnan(array).any()),
+                                            ("Inf", np.isinf(array).any())) if found)
+    if kinds:
+        raise NaNDataError(f"{kinds} found in variable {variable!r} at time(s) "
+                           f"{_show(pd.DatetimeIndex([time]))}.")
+
+
 def nan_checked(ds: xr.Dataset) -> xr.Dataset:
     """Lazily wraps every floating dask-backed variable so that computing a chunk holding a NaN
     or Inf raises NaNDataError naming the variable and the times."""
     out = ds.copy()
     times = ds["time"].values if "time" in ds.coords else None
     for name, var in ds.data_vars.items():
-        if not isinstance(var.data, da.Array) or not np.issubdtype(var.dtype, np.floating):
+        # var.chunks first: .data of a lazily indexed variable would read all of it.
+        if var.chunks is None or not isinstance(var.data, da.Array) or \
+                not np.issubdtype(var.dtype, np.floating):
             continue
         axis = var.dims.index("time") if "time" in var.dims and times is not None else None
         data = var.data.map_blocks(_nan_check_block, variable=name, times=times, time_axis=axis,

@@ -149,3 +149,67 @@ def test_eval_iterator_fixed_order_every_and_frame_reuse(dataset):
     batches = list(every)
     assert len(batches) == 21   # 24 times, windows of 4 frames
     assert every.reader.frames_read == 24
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory):
+    """The module's sample as a WeatherBench2-layout zarr, opened both ways open_source can."""
+    path = str(tmp_path_factory.mktemp("stored") / "era5.zarr")
+    wb2 = sample.generate(seed=0, resolution=30.0, start="2015-12-29", days=6)
+    wb2.chunk({"time": 1}).to_zarr(path, zarr_format=2, consolidated=True)
+    return (sources.open_source(path, task_config=TASK),
+            sources.open_source(path, task_config=TASK, use_dask=False))
+
+
+def test_indexed_source_gives_the_same_batches_and_order(stored):
+    with_dask, indexed = stored
+    assert indexed["temperature"].chunks is None and with_dask["temperature"].chunks
+    for a, b in zip(_batches(with_dask, 6), _batches(indexed, 6)):
+        _equal(a, b)
+
+
+def _batches(ds, n, **kw):
+    with _train(ds, process_index=1, max_num_steps=2, **kw) as it:
+        return [it.next(num_steps=s) for s in (1, 2, 2, 1, 1, 2)[:n]]
+
+
+@pytest.mark.slow
+def test_worker_processes_same_bytes_order_and_resume(stored):
+    """Batches read by worker processes into shared memory equal the threads' ones, in order and
+    across a mid-epoch restart (~20 s: two spawned pools import JAX and xarray)."""
+    _, indexed = stored
+    expected = _batches(indexed, 6)
+    got = _batches(indexed, 6, worker_processes=True, num_workers=2, prefetch=2)
+    for a, b in zip(expected, got):
+        _equal(a, b)
+    with _train(indexed, process_index=1, worker_processes=True, num_workers=2) as first:
+        for _ in range(3):
+            first.next()
+        saved = json.loads(json.dumps(first.state))
+        after = [first.next() for _ in range(3)]      # crosses the epoch boundary
+    with _train(indexed, process_index=1, state=saved, worker_processes=True,
+                num_workers=1, prefetch=1) as resumed:
+        for batch in after:
+            _equal(resumed.next(), batch)
+
+
+def test_nan_in_an_indexed_store_names_variable_and_time(tmp_path):
+    path = str(tmp_path / "nan.zarr")
+    wb2 = sample.generate(seed=0, resolution=30.0, start="2015-12-29", days=2)
+    wb2["2m_temperature"][3, 2, 2] = np.nan
+    wb2.chunk({"time": 1}).to_zarr(path, zarr_format=2, consolidated=True)
+    ds = sources.open_source(path, task_config=TASK, use_dask=False)
+    it = examples.EvalIterator(ds, TASK, num_steps=1, split=(None, None), global_batch_size=1,
+                               process_index=0, process_count=1, local_device_count=1,
+                               prefetch=0)
+    with pytest.raises(sources.validate.NaNDataError,
+                       match=r"NaN found in variable '2m_temperature' at time\(s\) "
+                             r"2015-12-29 18:00:00"):
+        list(it)
+
+
+def test_level_indexer_is_a_slice_for_a_run():
+    assert sources.level_indexer(np.array([50, 500, 1000]), [50, 500, 1000]) == slice(0, 3, 1)
+    assert sources.level_indexer(np.array([1000, 500, 50]), [50, 500, 1000]) == \
+        slice(2, None, -1)
+    assert sources.level_indexer(np.array([50, 100, 500, 1000]), [50, 500]) == [0, 2]

@@ -3,9 +3,11 @@
 Also creates the synthetic sample data on first use for configs that name a sample directory.
 """
 
+import collections
 import os
 import subprocess
 import sys
+import time
 from typing import Iterator, Mapping, Optional
 
 import jax
@@ -93,6 +95,58 @@ def input_summary(config) -> list:
             f"Checkpoints: {config.checkpoint_dir}"]
 
 
+class DataWaitMonitor:
+    """Watches the fraction of wall time the training loop spends waiting for batches, over the
+    last `window` steps, and says once when it stays above `threshold`, naming the knobs."""
+
+    def __init__(self, data_cfg, *, threshold: float = 0.10, window: int = 50):
+        self._cfg = data_cfg
+        self.threshold, self.window = threshold, window
+        self._steps = collections.deque(maxlen=window)   # (wait s, step interval s)
+        self.warned = False
+
+    def record(self, wait_s: float, interval_s: float) -> Optional[str]:
+        """Adds one step; returns the warning the first time the window's fraction exceeds the
+        threshold (and logs it), else None."""
+        self._steps.append((wait_s, interval_s))
+        if self.warned or len(self._steps) < self.window:
+            return None
+        fraction = sum(w for w, _ in self._steps) / max(sum(i for _, i in self._steps), 1e-9)
+        if fraction <= self.threshold:
+            return None
+        self.warned = True
+        cfg = self._cfg
+        message = (
+            f"Input data is the bottleneck: training waited for batches {100 * fraction:.0f}% of "
+            f"the time over the last {self.window} steps (more than {100 * self.threshold:.0f}%). "
+            f"Knobs: data.workers (now {cfg.workers}) with data.worker_processes=True (now "
+            f"{cfg.get('worker_processes', False)}) to read on more cores, data.prefetch (now "
+            f"{cfg.prefetch}) to read further ahead, or a prepared copy of the data (python -m "
+            "data.prepare: the task's levels and grid only, one time step per chunk) to move "
+            "fewer bytes.")
+        logging.warning("%s", message)
+        return message
+
+
+class MonitoredTrainIterator(examples.TrainIterator):
+    """TrainIterator that times how long each next() blocks against the time between batches,
+    feeding a DataWaitMonitor (the experiment needs no hook of its own)."""
+
+    def __init__(self, *args, monitor: DataWaitMonitor, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.monitor = monitor
+        self._returned = None   # when the previous batch was handed out
+
+    def next(self, num_steps: Optional[int] = None) -> dict:
+        began = time.perf_counter()
+        batch = super().next(num_steps)
+        now = time.perf_counter()
+        if self._returned is not None:
+            self.monitor.record(now - began, now - self._returned)
+        self._returned = now
+        return batch
+
+
 class Source:
     """The configured dataset (lazy, normalized layout) and iterators over its splits."""
 
@@ -107,7 +161,7 @@ class Source:
             data_cfg.source, task_config=task_config, resolution=resolution,
             storage_options=dict(data_cfg.get("storage_options") or {}) or None,
             check_nans=data_cfg.get("check_nans", True),
-            subsample_grid=data_cfg.get("subsample_grid", False))
+            subsample_grid=data_cfg.get("subsample_grid", False), use_dask=False)
         self.lat = np.asarray(self.dataset["lat"].values)
         self.lon = np.asarray(self.dataset["lon"].values)
         self.stride = int(self.dataset.attrs.get("subsample_stride", 1))
@@ -118,12 +172,18 @@ class Source:
         return dict(prefetch=self.cfg.prefetch, num_workers=self.cfg.workers)
 
     def train_iterator(self, *, global_batch_size: int, num_steps: int, max_num_steps: int,
-                       state: Optional[Mapping] = None) -> examples.TrainIterator:
-        """Shuffled epochs of the train split, continuing from `state` ({"epoch","position"})."""
-        return examples.TrainIterator(
+                       state: Optional[Mapping] = None, **overrides) -> examples.TrainIterator:
+        """Shuffled epochs of the train split, continuing from `state` ({"epoch","position"});
+        warns once when the loop waits for data too long (data.wait_warn_*). `overrides` are
+        TrainIterator arguments (benchmarks: cache_bytes=0)."""
+        monitor = DataWaitMonitor(self.cfg, threshold=self.cfg.get("wait_warn_fraction", 0.1),
+                                  window=self.cfg.get("wait_warn_steps", 50))
+        options = dict(self._common(), worker_processes=self.cfg.get("worker_processes", False))
+        return MonitoredTrainIterator(
             self.dataset, self.task, num_steps=num_steps, max_num_steps=max_num_steps,
             split=(self.cfg.train_start, self.cfg.train_end), seed=self.cfg.seed,
-            global_batch_size=global_batch_size, state=state, **self._common())
+            global_batch_size=global_batch_size, state=state, monitor=monitor,
+            **{**options, **overrides})
 
     def example_batch(self) -> dict:
         """One 1-step example in host layout [1, ...] (shapes for parameter initialization)."""

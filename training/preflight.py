@@ -170,7 +170,7 @@ def check_sizes(config) -> None:
         value = config[field]
         _require(field, value, isinstance(value, int) and value >= low, expected)
     positive = {"model": ("latent_size", "gnn_msg_steps", "hidden_layers"),
-                "data": ("global_batch_size", "workers"),
+                "data": ("global_batch_size", "workers", "wait_warn_steps"),
                 "eval": ("rollout_steps", "num_batches", "figure_lead_step", "headline_lead_step")}
     for section, fields in positive.items():
         for field in fields:

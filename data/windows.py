@@ -1,0 +1,213 @@
+"""Example windows read from an internal-layout dataset as host-layout float32 arrays.
+
+`FrameReader.read(init_time, num_steps)` returns one example: {"inputs", "targets", "forcings"}
+dicts of float32 arrays with a leading time axis, in the host batch layout of the model;
+`read_into` writes it into given arrays (a slot of a batch), so a frame is copied once, from the
+decoded chunk to its place in the batch. Frames (all variables of one time) are cached by time in
+a bounded LRU cache, so consecutive examples that overlap (eval order, curriculum with long
+rollouts) read each frame once.
+
+Speed: a variable that is not dask-backed (`sources.open_source(..., use_dask=False)`) is read
+one time at a time by plain indexing, which costs a zarr read and nothing else; dask-backed
+variables (derived ones, or a dataset opened with dask) are computed one frame at a time.
+"""
+
+import collections
+import threading
+from typing import Mapping
+
+import dask
+import numpy as np
+import xarray as xr
+
+from data import validate
+from data.splits import SIX_HOURS
+from graphcast import config
+from graphcast import data_utils
+
+
+class FrameReader:
+    """Reads examples of `dataset` as host-layout float32 arrays [T, ...], caching frames by time.
+
+    dataset: internal layout (dims time, [level,] lat, lon; dask-backed, lazily indexed or
+      numpy). Its variables that are not dask-backed are checked for NaN/Inf here when
+      attrs["check_nans"] says so (open_source sets it); dask-backed ones carry their own check.
+    cache_bytes: bound of the LRU frame cache (0 disables it). Thread-safe.
+    """
+
+    def __init__(self, dataset: xr.Dataset, task_config: config.TaskConfig, *,
+                 cache_bytes: int = 256 * 2 ** 20, dask_scheduler: str = "threads"):
+        self.task = task_config
+        if "level" in dataset.dims and task_config.pressure_levels:
+            have = dataset["level"].values.tolist()
+            config.check_pressure_levels(have, task_config.pressure_levels, "dataset",
+                                         validate.MissingLevelsError)
+            if have != list(task_config.pressure_levels):
+                dataset = dataset.sel(level=list(task_config.pressure_levels))
+        names = list(dict.fromkeys(task_config.input_variables + task_config.target_variables
+                                   + task_config.forcing_variables))
+        derived = [n for n in names if n in data_utils.PROGRESS_VARS]
+        missing = [n for n in names if n not in dataset.data_vars and n not in derived]
+        if missing:
+            raise ValueError(f"Variables {missing} of the task are missing from the dataset "
+                             f"(it has {sorted(map(str, dataset.data_vars))}).")
+        self.times = dataset["time"].values.astype("datetime64[ns]")
+        self._index = {t: i for i, t in enumerate(self.times.tolist())}
+        self.lat = dataset["lat"].values
+        self.lon = dataset["lon"].values
+        self.dynamic = [n for n in names if n not in derived and "time" in dataset[n].dims]
+        self.statics = {n: np.asarray(dataset[n].transpose("lat", "lon").values, np.float32)
+                        for n in names if n not in derived and n not in self.dynamic}
+        self._data = dataset[self.dynamic]
+        self._check = bool(dataset.attrs.get("check_nans", 0))
+        self._source = dataset.attrs.get("normalized_from", "<dataset>")
+        self._scheduler = dask_scheduler
+        self._cache = collections.OrderedDict()   # time index -> {var: array}
+        self._cache_bytes = cache_bytes
+        self._cached = 0
+        self._lock = threading.Lock()
+        self.frames_read = 0
+
+    def _frames(self, indices: list) -> list:
+        """Frames (dicts var -> float32 [(L,) H, W]) at time indices, from cache or storage."""
+        with self._lock:
+            found = {i: self._cache[i] for i in indices if i in self._cache}
+            for i in found:
+                self._cache.move_to_end(i)
+        missing = [i for i in dict.fromkeys(indices) if i not in found]
+        if missing:
+            fresh = self._read_frames(missing)
+            self._store(fresh)
+            found.update(fresh)
+        return [found[i] for i in indices]
+
+    def _read_frames(self, indices: list) -> dict:
+        """{time index: {var: float32 [(L,) H, W]}}: each variable's consecutive times in one
+        slice read (a plain chunk read, whose chunks the store fetches and decodes
+        concurrently; a list of times would be an element-wise selection)."""
+        frames = {i: {} for i in indices}
+        runs = _runs(sorted(indices))
+        for name in self.dynamic:
+            var = self._data[name]
+            for first, last in runs:
+                try:
+                    with dask.config.set(scheduler=self._scheduler):
+                        block = var.variable.isel(time=slice(first, last + 1)).values
+                except (validate.DataValidationError, ConnectionError, TimeoutError):
+                    raise
+                except Exception as e:  # noqa: BLE001 -- a chunk that does not decode: name it
+                    raise self._unreadable(name, list(range(first, last + 1)), e) from e
+                block = np.asarray(block, np.float32)
+                for k, i in enumerate(range(first, last + 1)):
+                    if self._check and var.chunks is None:
+                        validate.check_finite(block[k], variable=name, time=self.times[i])
+                    frames[i][name] = block[k]
+        return frames
+
+    def _unreadable(self, name: str, indices: list, error: Exception) -> validate.CorruptDataError:
+        """Names the time of a chunk of `name` that cannot be read or decoded, found by reading
+        the failed times one at a time."""
+        for i in indices:
+            try:
+                with dask.config.set(scheduler="synchronous"):
+                    self._data[name].variable.isel(time=i).values
+            except Exception as e:  # noqa: BLE001 -- this is the one
+                return validate.CorruptDataError(
+                    f"Cannot read variable {name!r} at time {self.times[i]} from "
+                    f"{self._source} (corrupt or truncated chunk?): {type(e).__name__}: {e}")
+        return validate.CorruptDataError(
+            f"Cannot read variable {name!r} at times {[str(self.times[i]) for i in indices]} "
+            f"from {self._source}: {type(error).__name__}: {error}")
+
+    def _store(self, fresh: dict) -> None:
+        with self._lock:
+            self.frames_read += len(fresh)
+            if not self._cache_bytes:
+                return
+            for i, frame in fresh.items():
+                if i in self._cache:
+                    continue
+                self._cache[i] = frame
+                self._cached += sum(a.nbytes for a in frame.values())
+            while self._cached > self._cache_bytes and self._cache:
+                _, old = self._cache.popitem(last=False)
+                self._cached -= sum(a.nbytes for a in old.values())
+
+    def _progress(self, times: np.ndarray) -> dict:
+        """Progress features [T, H, W] (broadcast over lat) at `times`."""
+        seconds = data_utils.seconds_since_epoch(times)
+        shape = (len(times), len(self.lat), len(self.lon))
+        out = {}
+        year = data_utils.year_progress(seconds)[:, None, None]   # [T, 1, 1]
+        day = data_utils.day_progress(seconds, self.lon)[:, None]  # [T, 1, W]
+        for base, progress in ((config.YEAR_PROGRESS, year), (config.DAY_PROGRESS, day)):
+            sin, cos = data_utils.progress_sin_cos(progress)
+            for name, value in ((base, progress), (base + "_sin", sin), (base + "_cos", cos)):
+                out[name] = np.broadcast_to(value, shape)
+        return out
+
+    def layout(self, num_steps: int) -> dict:
+        """Shapes of one example's arrays: {part: {var: shape}}, in the task's variable order."""
+        n_in = self.task.num_input_frames
+        h, w = len(self.lat), len(self.lon)
+
+        def shape(name, steps):
+            if name in self.statics:
+                return self.statics[name].shape
+            if name in self.dynamic:
+                return (steps,) + self._data[name].shape[1:]
+            return (steps, h, w)   # progress features
+
+        return {"inputs": {n: shape(n, n_in) for n in self.task.input_variables},
+                "targets": {n: shape(n, num_steps) for n in self.task.target_variables},
+                "forcings": {n: shape(n, num_steps) for n in self.task.forcing_variables}}
+
+    def read(self, init_time: np.datetime64, num_steps: int) -> dict:
+        """One example: {"inputs", "targets", "forcings"} of float32 arrays with a leading T."""
+        out = {part: {n: np.empty(s, np.float32) for n, s in shapes.items()}
+               for part, shapes in self.layout(num_steps).items()}
+        self.read_into(init_time, num_steps, out)
+        return out
+
+    def read_into(self, init_time: np.datetime64, num_steps: int,
+                  out: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+        """Writes the example at `init_time` into `out` ({part: {var: float32 array}} shaped as
+        `layout(num_steps)`, e.g. views of one slot of a batch)."""
+        n_in = self.task.num_input_frames
+        times = (np.datetime64(init_time, "ns")
+                 + np.arange(-(n_in - 1), num_steps + 1) * SIX_HOURS)
+        try:
+            indices = [self._index[t] for t in times.tolist()]
+        except KeyError as e:
+            absent = np.datetime64(e.args[0], "ns")
+            raise ValueError(f"Example at {init_time} with {num_steps} steps needs time "
+                             f"{absent}, which is not in the dataset.") from e
+        frames = self._frames(indices)
+        progress = self._progress(times)
+        for part, rows in (("inputs", slice(0, n_in)), ("targets", slice(n_in, None)),
+                           ("forcings", slice(n_in, None))):
+            for name, dest in out[part].items():
+                if name in self.statics:
+                    dest[...] = self.statics[name]
+                elif name in progress:
+                    dest[...] = progress[name][rows]
+                else:
+                    for k, frame in enumerate(frames[rows]):
+                        dest[k] = frame[name]
+
+
+def _runs(indices: list) -> list:
+    """[(first, last)] of the runs of consecutive integers in sorted `indices`."""
+    runs = []
+    for i in indices:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return [tuple(r) for r in runs]
+
+
+def example_bytes(reader: FrameReader, num_steps: int) -> int:
+    """Bytes of one example's arrays (float32)."""
+    return 4 * sum(int(np.prod(s)) for shapes in reader.layout(num_steps).values()
+                   for s in shapes.values())

@@ -1,0 +1,55 @@
+"""training.data_input: the data-wait warning (once, naming the knobs) and its iterator hook."""
+
+import dataclasses
+import time
+
+from absl import logging as absl_logging
+
+from configs import base
+from data import sample
+from graphcast import config
+from training import data_input
+
+TASK = dataclasses.replace(config.TASK_13, pressure_levels=(50, 500, 1000))
+
+
+def _data_cfg(**kw):
+    cfg = base.get_base_config(TASK).experiment_kwargs.config.data
+    cfg.update(kw)
+    return cfg
+
+
+def test_monitor_warns_once_after_a_window_above_threshold():
+    monitor = data_input.DataWaitMonitor(_data_cfg(workers=3, prefetch=2), threshold=0.1,
+                                         window=4)
+    assert all(monitor.record(0.05, 1.0) is None for _ in range(10))   # 5%: quiet
+    messages = [monitor.record(0.15, 1.0) for _ in range(3)]
+    assert messages[:2] == [None, None]      # the window's mean: 7.5%, 8.75%, then 11.25%
+    warning = messages[2]
+    for knob in ("data.workers (now 3)", "data.worker_processes", "data.prefetch (now 2)",
+                 "python -m data.prepare"):
+        assert knob in warning
+    assert all(monitor.record(0.9, 1.0) is None for _ in range(10))   # said once
+
+
+def test_train_iterator_feeds_the_monitor(tmp_path, monkeypatch):
+    path = str(tmp_path / "era5.zarr")
+    sample.generate(seed=0, resolution=30.0, start="2015-12-29", days=3).chunk(
+        {"time": 1}).to_zarr(path, zarr_format=2, consolidated=True)
+    warnings = []
+    monkeypatch.setattr(absl_logging, "warning", lambda msg, *a: warnings.append(msg % a))
+    cfg = _data_cfg(source=path, train_start="2015", train_end="2016", prefetch=0, workers=1,
+                    wait_warn_steps=3)
+    source = data_input.Source(cfg, TASK, None)
+    assert source.dataset["temperature"].chunks is None   # lazily indexed, no dask
+    with source.train_iterator(global_batch_size=1, num_steps=1, max_num_steps=1) as it:
+        for _ in range(3):        # a loop that does nothing but wait for data: 100%
+            it.next()
+        assert not warnings
+        it.next()
+        assert len(warnings) == 1 and "data.workers (now 1)" in warnings[0]
+        it.monitor = data_input.DataWaitMonitor(cfg, window=3)
+        for _ in range(4):        # 0.5 s steps, reads of a few ms: well under 10%
+            time.sleep(0.5)
+            it.next()
+        assert len(warnings) == 1, warnings
