@@ -94,7 +94,9 @@ def data_parallel_update(predictor, direction: optax.GradientTransformation, axi
         out = inner(squeeze(params), squeeze(opt_state), squeeze(batch), lr[0])
         return jax.tree.map(lambda x: x[None], out)
 
-    sharded = jax.shard_map(update, mesh=mesh, in_specs=per_device, out_specs=per_device)
+    # check_vma=False as under pmap: the model's scans start from unsharded zeros.
+    sharded = jax.shard_map(update, mesh=mesh, in_specs=per_device, out_specs=per_device,
+                            check_vma=False)
     on_device = NamedSharding(mesh, per_device)
     return jax.jit(sharded, donate_argnums=(0, 1),
                    in_shardings=(on_device, on_device, batch_sharding(predictor, mesh, axis_name),
