@@ -61,6 +61,8 @@ def main() -> None:
                    "per message-passing round and row block (remat_blocks), both, or none")
     p.add_argument("--offload-windows", action="store_true",
                    help="keep each step's saved input window in host memory (with step remat)")
+    p.add_argument("--host-batch", action="store_true",
+                   help="keep the batch in host memory; each step copies what it reads to the device")
     p.add_argument("--block-size", type=int, default=16384,
                    help="process grid<->mesh edges and grid nodes in blocks of at most this many "
                    "rows (0: whole arrays)")
@@ -98,6 +100,7 @@ def main() -> None:
                                   remat_steps="steps" in args.remat,
                                   remat_blocks="blocks" in args.remat,
                                   offload_windows=args.offload_windows,
+                                  host_batch=args.host_batch,
                                   block_size=args.block_size or None,
                                   split_first_layer=not args.plain,
                                   graph_cache_dir=args.graph_cache_dir)

@@ -43,9 +43,12 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
                          graph_cache_dir="runs/graph_cache"))
 
     # training: memory is the constraint at this size. 12-step update per device with offloaded
-    # windows: H100 30.3 GiB (60.9 without); TPU v4 31.0 GiB, 0.24 over its usable 30.75 (README)
+    # windows: H100 30.3 GiB (60.9 without); TPU v4 refused (30.98 GiB of its usable 30.75),
+    # 25.7 GiB with the batch in host memory too (README). host_batch takes effect only where
+    # the update is graphcast.update.data_parallel_update (pmap keeps the batch on the device);
+    # for 1-step updates it costs (TPU v4: 21.0 -> 23.2 GiB), so use it from 2 steps on.
     exp.training.update(dict(bf16=True, remat_steps=True, remat_blocks=True, block_size=32768,
-                             offload_windows=True))
+                             offload_windows=True, host_batch=True))
 
     # eval: 4 batches of 10-day rollouts, headline at 24 h; ACC against WeatherBench2's climatology
     exp.eval.update(dict(num_batches=4, batch_size=0, rollout_steps=40, figure_lead_step=4,

@@ -49,7 +49,9 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
                          prefetch=4, workers=8, worker_processes=True,
                          graph_cache_dir="runs/graph_cache"))
 
-    # training: bf16 activations and per-AR-step remat keep the 12-step curriculum in memory
+    # training: bf16 activations and per-AR-step remat keep the 12-step curriculum in memory.
+    # offload_windows and host_batch stay off (base): XLA:TPU of jax 0.10.2 rejects host_batch's
+    # host-memory frame slices at 1 degree (README, "Accelerator memory")
     exp.training.update(dict(bf16=True, remat_steps=True))
 
     # eval: 8 batches of 5-day rollouts, headline at 24 h; ACC against WeatherBench2's climatology

@@ -48,7 +48,8 @@ def batch_shapes(task_config: config_lib.TaskConfig, batch: int, ar_steps: int,
 def abstract_step_args(predictor: rollout.Predictor, direction: optax.GradientTransformation,
                        batch: int = 1, ar_steps: int = 1, device=None) -> tuple:
     """Abstract (params, opt_state, batch, lr) of the update, placed on `device` when given
-    (an ahead-of-time target device: TPU or GPU topology, no hardware needed)."""
+    (an ahead-of-time target device: TPU or GPU topology, no hardware needed); the batch in
+    its host memory with the predictor's host_batch lever."""
     abstract_batch = batch_shapes(predictor.task_config, batch, ar_steps,
                                   predictor.grid_lat.size, predictor.grid_lon.size)
     params = jax.eval_shape(predictor.init, jax.random.PRNGKey(0), abstract_batch)
@@ -56,8 +57,15 @@ def abstract_step_args(predictor: rollout.Predictor, direction: optax.GradientTr
     args = (params, opt_state, abstract_batch, jax.ShapeDtypeStruct((), jnp.float32))
     if device is None:
         return args
-    sharding = jax.sharding.SingleDeviceSharding(device)
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), args)
+    on_device = jax.sharding.SingleDeviceSharding(device)
+    for_batch = jax.sharding.SingleDeviceSharding(
+        device, memory_kind="pinned_host" if predictor.host_batch else None)
+
+    def place(tree, sharding):
+        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                            tree)
+    return (place(params, on_device), place(opt_state, on_device),
+            place(abstract_batch, for_batch), place(args[3], on_device))
 
 
 def compile_train_step(predictor: rollout.Predictor, batch: int = 1, ar_steps: int = 1,
@@ -73,13 +81,15 @@ def compile_train_step(predictor: rollout.Predictor, batch: int = 1, ar_steps: i
 
 def memory_report(compiled) -> dict:
     """XLA's memory analysis of a compiled step, in bytes; `total_bytes` = what must fit in
-    device memory (`host_temp_bytes`: what offloading puts in host memory instead)."""
+    device memory (`host_temp_bytes`, `host_argument_bytes`: what offloading and a host-resident
+    batch put in host memory instead; XLA:GPU counts host arguments in `argument_bytes`)."""
     m = compiled.memory_analysis()
     report = {"temp_bytes": int(m.temp_size_in_bytes),
               "argument_bytes": int(m.argument_size_in_bytes),
               "output_bytes": int(m.output_size_in_bytes),
               "alias_bytes": int(m.alias_size_in_bytes),
-              "host_temp_bytes": int(getattr(m, "host_temp_size_in_bytes", 0))}
+              "host_temp_bytes": int(getattr(m, "host_temp_size_in_bytes", 0)),
+              "host_argument_bytes": int(getattr(m, "host_argument_size_in_bytes", 0))}
     report["total_bytes"] = (report["temp_bytes"] + report["argument_bytes"]
                              + report["output_bytes"] - report["alias_bytes"])
     return report

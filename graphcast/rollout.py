@@ -73,6 +73,10 @@ class Predictor:
         backward pass recomputes the step from) in host memory instead of device memory.
         Same values, less accelerator memory for multi-step rollouts; the CPU backend
         ignores it.
+      host_batch: the batch may live in host memory (`batch_memory_kind`): the input window
+        is copied to the device at the start and each step's targets and forcings when that
+        step reads them, so the rollout's 12 target frames never occupy device memory at
+        once. Same values; a batch that is already on the device is read as it is.
       remat_blocks, block_size, split_first_layer: memory and speed options of the network,
         none of which changes the function computed: see `model.GraphCastNetwork`.
       graphs: prebuilt static graphs (built, or read from `graph_cache_dir`, if absent).
@@ -83,6 +87,7 @@ class Predictor:
                  grid_lat: np.ndarray, grid_lon: np.ndarray, *, bf16: bool = False,
                  remat_steps: bool = True, remat_blocks: bool = False,
                  offload_windows: bool = False,
+                 host_batch: bool = False,
                  block_size: Optional[int] = None,
                  split_first_layer: bool = True,
                  graphs: Optional[graphs_lib.StaticGraphs] = None,
@@ -99,6 +104,7 @@ class Predictor:
             raise ValueError("offload_windows=True needs remat_steps=True: the offloaded windows "
                              "are what each rematerialized step is recomputed from.")
         self.offload_windows = offload_windows
+        self.host_batch = host_batch
         self.block_size = block_size
         self.split_first_layer = split_first_layer
         self.graphs = graphs if graphs is not None else graphs_lib.build_graphs(
@@ -195,11 +201,18 @@ class Predictor:
         """[B, T, ...] -> [T, B, 1, ...], the scanned layout."""
         return {v: jnp.moveaxis(x, 1, 0)[:, :, None] for v, x in arrays.items()}
 
-    @staticmethod
-    def _at_step(arrays: Arrays, t: jax.Array) -> dict:
-        """[B, T, ...] -> [B, 1, ...] at step t, read in place: a time-major copy of the whole
-        rollout's targets (10 GiB at 0.25 deg, 12 steps) would stay live through the step."""
-        return {v: jax.lax.dynamic_slice_in_dim(x, t, 1, axis=1) for v, x in arrays.items()}
+    def _on_device(self, arrays: Arrays) -> dict:
+        """`arrays` copied to device memory if the batch lives in host memory (host_batch)."""
+        if not self.host_batch:
+            return dict(arrays)
+        return jax.device_put(dict(arrays), jax.memory.Space.Device)
+
+    def _at_step(self, arrays: Arrays, t: jax.Array) -> dict:
+        """[B, T, ...] -> [B, 1, ...] at step t, read in place (a time-major copy of the whole
+        rollout's targets, 10 GiB at 0.25 deg and 12 steps, would stay live through the step)
+        and, with host_batch, copied from host memory only now."""
+        return self._on_device(
+            {v: jax.lax.dynamic_slice_in_dim(x, t, 1, axis=1) for v, x in arrays.items()})
 
     def _predict(self, inputs: Arrays, forcings: Arrays, num_steps: Optional[int]):
         static, rolling = self._split_inputs(inputs)
@@ -220,7 +233,7 @@ class Predictor:
         return {v: jnp.moveaxis(p[:, :, 0], 0, 1) for v, p in predictions.items()}
 
     def _loss(self, inputs: Arrays, targets: Arrays, forcings: Arrays):
-        static, rolling = self._split_inputs(inputs)
+        static, rolling = self._split_inputs(self._on_device(inputs))
         num_steps = next(iter(targets.values())).shape[1]
         network = self._network()
 

@@ -11,10 +11,12 @@ step `params - lr * direction`, so the learning rate is an argument (a function 
 step chosen by the caller), not the optimizer's own counter.
 """
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import numpy as np
 import optax
 
 
@@ -74,3 +76,35 @@ def update_fn(predictor, direction: optax.GradientTransformation,
                 jax.tree.map(keep, new_opt_state, opt_state), scalars)
 
     return update
+
+
+def data_parallel_update(predictor, direction: optax.GradientTransformation, axis_name: str,
+                         devices: Sequence[jax.Device]) -> Callable:
+    """`update_fn` over `devices` like `jax.pmap(..., donate_argnums=(0, 1))`, jitted.
+
+    Same arguments and results as the pmapped update (a leading axis of one slice per device),
+    but the batch is taken in host memory when the predictor's host_batch lever is on ("pinned_host":
+    put it there with `batch_sharding`), which pmap does not allow."""
+    mesh = Mesh(np.asarray(devices), (axis_name,))
+    per_device = PartitionSpec(axis_name)
+    inner = update_fn(predictor, direction, axis_name)
+
+    def update(params, opt_state, batch, lr):
+        squeeze = lambda tree: jax.tree.map(lambda x: x[0], tree)
+        out = inner(squeeze(params), squeeze(opt_state), squeeze(batch), lr[0])
+        return jax.tree.map(lambda x: x[None], out)
+
+    # check_vma=False as under pmap: the model's scans start from unsharded zeros.
+    sharded = jax.shard_map(update, mesh=mesh, in_specs=per_device, out_specs=per_device,
+                            check_vma=False)
+    on_device = NamedSharding(mesh, per_device)
+    return jax.jit(sharded, donate_argnums=(0, 1),
+                   in_shardings=(on_device, on_device, batch_sharding(predictor, mesh, axis_name),
+                                 on_device), out_shardings=on_device)
+
+
+def batch_sharding(predictor, mesh: Mesh, axis_name: str) -> NamedSharding:
+    """Where `data_parallel_update` takes the batch: one slice per device along `axis_name`, in
+    host memory ("pinned_host", which the accelerator reads directly) with host_batch."""
+    return NamedSharding(mesh, PartitionSpec(axis_name),
+                         memory_kind="pinned_host" if predictor.host_batch else None)
