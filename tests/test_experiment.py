@@ -17,6 +17,9 @@ from configs import sample as sample_config
 from jaxline import train as jl_train
 from training import checkpointer as ckpt_lib
 from training import compat
+from training import export as export_lib
+from training import launch
+from training import model_configs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -121,12 +124,12 @@ def test_sample_config_trains_loss_falls_evaluates_and_exports(sample_dir, tmp_p
     # Export through graphcast.checkpoint and read it back.
     from graphcast import checkpoint as gc_checkpoint
     out = tmp_path / "model.npz"
-    print(experiment.export(config, str(out), None))
+    print(export_lib.export(config, str(out), None))
     loaded = gc_checkpoint.load(str(out))
     params, _ = saved_params(str(tmp_path / "run"))
     jax.tree.map(np.testing.assert_array_equal, loaded.params, params)
-    assert loaded.model_config == experiment.model_config_from(config.experiment_kwargs.config)
-    assert loaded.task_config == experiment.task_config_from(config.experiment_kwargs.config)
+    assert loaded.model_config == model_configs.model_config_from(config.experiment_kwargs.config)
+    assert loaded.task_config == model_configs.task_config_from(config.experiment_kwargs.config)
     _predict_with_export(loaded, sample_dir)
 
 
@@ -243,8 +246,8 @@ def test_configs_keep_the_pinned_keys():
     for module in (sample_config, era5_1deg, era5_0p25deg):
         config = module.get_config()
         exp = config.experiment_kwargs.config
-        model = experiment.model_config_from(exp)
-        task = experiment.task_config_from(exp)
+        model = model_configs.model_config_from(exp)
+        task = model_configs.task_config_from(exp)
         assert exp.data.global_batch_size > 0 and "source" in exp.data and "stats_dir" in exp.data
         assert config.training_steps > 0 and config.checkpoint_dir and config.random_seed == 42
         assert exp.training.run_steps == config.training_steps
@@ -260,7 +263,7 @@ def test_memory_settings_go_to_the_environment(monkeypatch):
         monkeypatch.delenv(key, raising=False)
     memory = sample_config.get_config().experiment_kwargs.config.memory
     memory.update(dict(allocator="platform", mem_fraction=0.5, preallocate=False))
-    experiment.apply_memory_settings(memory)
+    launch.apply_memory_settings(memory)
     assert os.environ["XLA_PYTHON_CLIENT_ALLOCATOR"] == "platform"
     assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.5"
     assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
@@ -286,8 +289,8 @@ def test_nonfinite_step_is_skipped_and_fine_tuning_checks_the_checkpoint(sample_
         [np.asarray(x).tolist() for x in before["opt_state"].values()]
 
     # Fine-tuning: an official-format file whose model differs from the config is a named error.
-    model = experiment.model_config_from(config.experiment_kwargs.config)
-    task = experiment.task_config_from(config.experiment_kwargs.config)
+    model = model_configs.model_config_from(config.experiment_kwargs.config)
+    task = model_configs.task_config_from(config.experiment_kwargs.config)
     wrong = gc_checkpoint.CheckPoint(params=before["params"], model_config=model.__class__(
         **{**model.__dict__, "latent_size": 64}), task_config=task)
     path = str(tmp_path / "other.npz")
