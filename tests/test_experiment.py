@@ -15,8 +15,11 @@ import pytest
 import experiment
 from configs import sample as sample_config
 from jaxline import train as jl_train
+from data import sources
+from graphcast import normalization
 from training import checkpointer as ckpt_lib
 from training import compat
+from training import evaluation
 from training import export as export_lib
 from training import launch
 from training import model_configs
@@ -89,6 +92,40 @@ def saved_params(checkpoint_dir, step=None):
     config.checkpoint_dir = checkpoint_dir
     arrays, meta = ckpt_lib.Checkpointer(config, "read").read("latest", step)
     return arrays["experiment/params"], meta
+
+
+@pytest.mark.slow
+def test_a_run_opens_its_inputs_once(sample_dir, tmp_path, monkeypatch):
+    """Preflight, training and the in-process evaluation share what preflight opened: the data
+    source, the statistics, the climatology and the fine-tuning checkpoint are each opened once
+    per run."""
+    from graphcast import checkpoint as gc_checkpoint
+    config = tiny_config(sample_dir, str(tmp_path / "run"), steps=1)
+    exp = config.experiment_kwargs.config
+    params, _ = experiment.Experiment("train", config=exp)._initial_params()  # pylint: disable=protected-access
+    init = str(tmp_path / "init.npz")
+    gc_checkpoint.save(init, gc_checkpoint.CheckPoint(
+        params=jax.tree.map(np.asarray, params), model_config=model_configs.model_config_from(exp),
+        task_config=model_configs.task_config_from(exp)))
+    exp.training.init_checkpoint = init
+    exp.eval.at_end = True
+    opened = {"source": 0, "stats": 0, "climatology": 0, "checkpoint": 0}
+
+    def counted(kind, open_fn):
+        def wrapper(*args, **kwargs):
+            opened[kind] += 1
+            return open_fn(*args, **kwargs)
+        return wrapper
+
+    # Each wrapper calls the real function and counts: whoever opens the input, it is counted.
+    monkeypatch.setattr(sources, "open_source", counted("source", sources.open_source))
+    monkeypatch.setattr(normalization, "load_stats", counted("stats", normalization.load_stats))
+    monkeypatch.setattr(evaluation, "Climatology", counted("climatology", evaluation.Climatology))
+    monkeypatch.setattr(gc_checkpoint, "load", counted("checkpoint", gc_checkpoint.load))
+    compat.apply()
+    launch.run(config, "train", experiment.Experiment)
+    assert opened == {"source": 1, "stats": 1, "climatology": 1, "checkpoint": 1}
+    assert saved_params(config.checkpoint_dir)[1]["step"] == 1
 
 
 def test_no_tensorflow_imported():

@@ -7,7 +7,7 @@ nothing is opened twice. An Experiment built without one (tests) gets its own.
 """
 
 import functools
-from typing import Callable, Optional
+from typing import Optional
 
 from graphcast import checkpoint as gc_checkpoint
 from graphcast import normalization
@@ -17,22 +17,17 @@ from training import model_configs
 
 
 class Inputs:
-    """The run's inputs for the experiment config `cfg` (`config.experiment_kwargs.config`).
+    """The run's inputs for the experiment config `cfg` (`config.experiment_kwargs.config`)."""
 
-    `open_source(data_cfg, task_config, resolution)` opens the data (default
-    `data_input.Source`); it is called at most once per Inputs.
-    """
-
-    def __init__(self, cfg, open_source: Callable[..., data_input.Source] = data_input.Source):
+    def __init__(self, cfg):
         self.config = cfg
         self.model_config = model_configs.model_config_from(cfg)
         self.task_config = model_configs.task_config_from(cfg)
-        self._open_source = open_source
 
     @functools.cached_property
     def source(self) -> data_input.Source:
         """The dataset (lazy, normalized layout) and iterators over its splits."""
-        return self._open_source(self.config.data, self.task_config, self.model_config.resolution)
+        return data_input.Source(self.config.data, self.task_config, self.model_config.resolution)
 
     @functools.cached_property
     def stats(self) -> normalization.Stats:

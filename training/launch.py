@@ -31,7 +31,6 @@ from graphcast import normalization
 from training import checkpointer as ckpt_lib
 from training import compat
 from training import export as export_lib
-from training import inputs as inputs_lib
 from training import nonfinite
 from training import preemption
 from training import preflight
@@ -153,16 +152,14 @@ def _train(config, experiment_class, make_writer) -> None:
             f"{checkpointer.directory('latest')}. Rerun the same command to resume.")
 
 
-def run(config, mode: str, experiment_class,
-        inputs: Optional[inputs_lib.Inputs] = None) -> None:
-    """Runs one jaxline mode of `experiment_class` (built by jaxline as `(mode, init_rng,
-    config, inputs=...)`) with the persistent checkpointer and the TensorBoard writer.
-
-    `inputs` (default: opened from the config) is what the up-front checks open; every
-    Experiment of the run reuses it."""
+def run(config, mode: str, experiment_class) -> None:
+    """Runs one jaxline mode of `experiment_class` with the persistent checkpointer and the
+    TensorBoard writer. jaxline builds the Experiment as `(mode, init_rng=..., config=...)`;
+    `inputs=`, what the up-front checks opened, is added here so that every Experiment of the
+    run reuses it instead of opening the data, statistics and climatology again."""
     jl_base_config.validate_config(config)
     exp = config.experiment_kwargs.config
-    inputs = preflight.check_before_start(config, mode, inputs=inputs)
+    inputs = preflight.check_before_start(config, mode)
     experiment_class = functools.partial(experiment_class, inputs=inputs)
     with config.unlocked():
         exp.training.logdir = default_logdir(config)

@@ -267,17 +267,16 @@ def check_config(config, mode: str = "train") -> None:
     check_batch(config, mode)
 
 
-def check_before_start(config, mode: str = "train", export_path: str = "",
-                       inputs: Optional[inputs_lib.Inputs] = None) -> Optional[inputs_lib.Inputs]:
+def check_before_start(config, mode: str = "train",
+                       export_path: str = "") -> Optional[inputs_lib.Inputs]:
     """The checks for `mode`, named errors before any compile or write: the config (every mode);
     data, statistics, climatology and fine-tuning checkpoint (train, eval); output locations:
     the checkpoint directory (train, and eval when it exists) or the export path (export).
 
-    Returns the run's Inputs holding what was opened (None for export, which opens none);
-    `inputs` (default: a new Inputs of the config) lets a caller choose how the data opens."""
+    Returns the run's Inputs holding what was opened (None for export, which opens none)."""
     check_config(config, "train" if mode == "train_eval_multithreaded" else mode)
     exp = config.experiment_kwargs.config
-    inputs = inputs or inputs_lib.Inputs(exp)  # builds the model and task: TaskConfigError
+    inputs = inputs_lib.Inputs(exp)  # builds the model and task: TaskConfigError
     storage = dict(exp.data.storage_options or {}) or None
     if mode != "export":
         for line in data_input.input_summary(config):
