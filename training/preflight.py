@@ -286,7 +286,8 @@ def check_before_start(config, mode: str = "train",
         trains = mode in ("train", "train_eval_multithreaded")
         ar_steps = max(optim.distinct_ar_steps(optim_config, exp.training.run_steps)) \
             if trains else 0
-        inputs.source  # pylint: disable=pointless-statement  # opens the data: metadata checks
+        # Opening the data validates its metadata (variables, levels, times, grid).
+        inputs.source  # pylint: disable=pointless-statement
         with_eval = mode != "train" or bool(exp.eval.at_end or exp.eval.interval_steps)
         check_inputs(config, inputs, ar_steps, with_eval)
     if mode in ("train", "train_eval_multithreaded") and jax.process_index() == 0:
