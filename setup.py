@@ -18,7 +18,6 @@ setuptools.setup(
         "dm-haiku>=0.0.17",
         "jraph>=0.0.6.dev0",
         "optax>=0.2.8",
-        "chex>=0.1.90",
         "ml-collections>=1.1.0",
         "jaxline>=0.0.8",
         "absl-py>=2.0",
@@ -43,6 +42,8 @@ setuptools.setup(
         # train_step.py --target); install into a separate virtualenv, pinned to our jax.
         "aot-tpu": ["jax[tpu]==0.10.2"],
         "aot-gpu": ["jax[cuda12]==0.10.2"],
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "gcp-storage-emulator>=2026.7.19", "tensorboard>=2.15"],
+        # chex: tree and shape assertions in the tests only.
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "gcp-storage-emulator>=2026.7.19", "tensorboard>=2.15",
+                 "chex>=0.1.90"],
     },
 )

@@ -15,8 +15,14 @@ import pytest
 import experiment
 from configs import sample as sample_config
 from jaxline import train as jl_train
+from data import sources
+from graphcast import normalization
 from training import checkpointer as ckpt_lib
 from training import compat
+from training import evaluation
+from training import export as export_lib
+from training import launch
+from training import model_configs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -88,6 +94,40 @@ def saved_params(checkpoint_dir, step=None):
     return arrays["experiment/params"], meta
 
 
+@pytest.mark.slow
+def test_a_run_opens_its_inputs_once(sample_dir, tmp_path, monkeypatch):
+    """Preflight, training and the in-process evaluation share what preflight opened: the data
+    source, the statistics, the climatology and the fine-tuning checkpoint are each opened once
+    per run."""
+    from graphcast import checkpoint as gc_checkpoint
+    config = tiny_config(sample_dir, str(tmp_path / "run"), steps=1)
+    exp = config.experiment_kwargs.config
+    params, _ = experiment.Experiment("train", config=exp)._initial_params()  # pylint: disable=protected-access
+    init = str(tmp_path / "init.npz")
+    gc_checkpoint.save(init, gc_checkpoint.CheckPoint(
+        params=jax.tree.map(np.asarray, params), model_config=model_configs.model_config_from(exp),
+        task_config=model_configs.task_config_from(exp)))
+    exp.training.init_checkpoint = init
+    exp.eval.at_end = True
+    opened = {"source": 0, "stats": 0, "climatology": 0, "checkpoint": 0}
+
+    def counted(kind, open_fn):
+        def wrapper(*args, **kwargs):
+            opened[kind] += 1
+            return open_fn(*args, **kwargs)
+        return wrapper
+
+    # Each wrapper calls the real function and counts: whoever opens the input, it is counted.
+    monkeypatch.setattr(sources, "open_source", counted("source", sources.open_source))
+    monkeypatch.setattr(normalization, "load_stats", counted("stats", normalization.load_stats))
+    monkeypatch.setattr(evaluation, "Climatology", counted("climatology", evaluation.Climatology))
+    monkeypatch.setattr(gc_checkpoint, "load", counted("checkpoint", gc_checkpoint.load))
+    compat.apply()
+    launch.run(config, "train", experiment.Experiment)
+    assert opened == {"source": 1, "stats": 1, "climatology": 1, "checkpoint": 1}
+    assert saved_params(config.checkpoint_dir)[1]["step"] == 1
+
+
 def test_no_tensorflow_imported():
     assert "tensorflow" not in sys.modules
 
@@ -121,12 +161,12 @@ def test_sample_config_trains_loss_falls_evaluates_and_exports(sample_dir, tmp_p
     # Export through graphcast.checkpoint and read it back.
     from graphcast import checkpoint as gc_checkpoint
     out = tmp_path / "model.npz"
-    print(experiment.export(config, str(out), None))
+    print(export_lib.export(config, str(out), None))
     loaded = gc_checkpoint.load(str(out))
     params, _ = saved_params(str(tmp_path / "run"))
     jax.tree.map(np.testing.assert_array_equal, loaded.params, params)
-    assert loaded.model_config == experiment.model_config_from(config.experiment_kwargs.config)
-    assert loaded.task_config == experiment.task_config_from(config.experiment_kwargs.config)
+    assert loaded.model_config == model_configs.model_config_from(config.experiment_kwargs.config)
+    assert loaded.task_config == model_configs.task_config_from(config.experiment_kwargs.config)
     _predict_with_export(loaded, sample_dir)
 
 
@@ -243,8 +283,8 @@ def test_configs_keep_the_pinned_keys():
     for module in (sample_config, era5_1deg, era5_0p25deg):
         config = module.get_config()
         exp = config.experiment_kwargs.config
-        model = experiment.model_config_from(exp)
-        task = experiment.task_config_from(exp)
+        model = model_configs.model_config_from(exp)
+        task = model_configs.task_config_from(exp)
         assert exp.data.global_batch_size > 0 and "source" in exp.data and "stats_dir" in exp.data
         assert config.training_steps > 0 and config.checkpoint_dir and config.random_seed == 42
         assert exp.training.run_steps == config.training_steps
@@ -260,7 +300,7 @@ def test_memory_settings_go_to_the_environment(monkeypatch):
         monkeypatch.delenv(key, raising=False)
     memory = sample_config.get_config().experiment_kwargs.config.memory
     memory.update(dict(allocator="platform", mem_fraction=0.5, preallocate=False))
-    experiment.apply_memory_settings(memory)
+    launch.apply_memory_settings(memory)
     assert os.environ["XLA_PYTHON_CLIENT_ALLOCATOR"] == "platform"
     assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.5"
     assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
@@ -286,8 +326,8 @@ def test_nonfinite_step_is_skipped_and_fine_tuning_checks_the_checkpoint(sample_
         [np.asarray(x).tolist() for x in before["opt_state"].values()]
 
     # Fine-tuning: an official-format file whose model differs from the config is a named error.
-    model = experiment.model_config_from(config.experiment_kwargs.config)
-    task = experiment.task_config_from(config.experiment_kwargs.config)
+    model = model_configs.model_config_from(config.experiment_kwargs.config)
+    task = model_configs.task_config_from(config.experiment_kwargs.config)
     wrong = gc_checkpoint.CheckPoint(params=before["params"], model_config=model.__class__(
         **{**model.__dict__, "latent_size": 64}), task_config=task)
     path = str(tmp_path / "other.npz")

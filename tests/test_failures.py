@@ -34,6 +34,10 @@ from test_reliability import (_arrays, _checkpoint, _good_config, _good_data, _p
                               _save, _set, _stats_copy, _write_zarr, no_model)  # noqa: F401
 from training import checkpointer as ckpt_lib
 from training import compat
+from training import export as export_lib
+from training import launch
+from training import logging_setup
+from training import model_configs
 from training import preflight
 from training import run_lock
 
@@ -163,7 +167,7 @@ def test_each_check_is_a_named_error_before_compile_or_write(case, sample_dir, t
     if patch:
         patch(monkeypatch)
     with pytest.raises(error, match=pattern) as info:
-        experiment.check_before_start(config)
+        preflight.check_before_start(config)
     assert not os.path.exists(config.checkpoint_dir)
     assert _SECRET not in str(info.value)
 
@@ -183,11 +187,11 @@ def test_eval_and_export_run_the_config_checks(mode, sample_dir, tmp_path, no_mo
     config = _good_config(sample_dir, tmp_path)
     config.max_checkpoints_to_keep = 0
     with pytest.raises(preflight.ConfigError, match="max_checkpoints_to_keep"):
-        experiment.check_before_start(config, mode, export_path=str(tmp_path / "m.npz"))
+        preflight.check_before_start(config, mode, export_path=str(tmp_path / "m.npz"))
     config.max_checkpoints_to_keep = 2
     config.experiment_kwargs.config.data.source = f"gs://u:{_SECRET}@bucket/x.zarr"
     with pytest.raises(preflight.ConfigError) as info:
-        experiment.check_before_start(config, mode, export_path=str(tmp_path / "m.npz"))
+        preflight.check_before_start(config, mode, export_path=str(tmp_path / "m.npz"))
     assert _SECRET not in str(info.value)
 
 
@@ -197,9 +201,9 @@ def test_eval_mode_checks_that_it_can_write_best(sample_dir, tmp_path, gcs_emula
     config = _good_config(sample_dir, tmp_path)
     config.checkpoint_dir = "gs://no-such-bucket-eval/run"
     with pytest.raises(preflight.LocationError, match="checkpoint_dir .*gs://no-such-bucket-eval"):
-        experiment.check_before_start(config, "eval")
+        preflight.check_before_start(config, "eval")
     config.checkpoint_dir = str(tmp_path / "not_yet")
-    experiment.check_before_start(config, "eval")
+    preflight.check_before_start(config, "eval")
     assert not (tmp_path / "not_yet").exists()
 
 
@@ -208,11 +212,11 @@ def test_eval_mode_checks_the_eval_batch_and_the_data(sample_dir, tmp_path, monk
     config.experiment_kwargs.config.eval.batch_size = 3
     _two_devices(monkeypatch)
     with pytest.raises(preflight.BatchSizeError, match="eval.batch_size=3"):
-        experiment.check_before_start(config, "eval")
+        preflight.check_before_start(config, "eval")
     config.experiment_kwargs.config.eval.batch_size = 2
     _stats_value("temperature", "stddev_by_level.nc", np.inf)(config, tmp_path, sample_dir)
     with pytest.raises(normalization.StatsError, match="'temperature' has \\[inf, inf\\]"):
-        experiment.check_before_start(config, "eval")
+        preflight.check_before_start(config, "eval")
 
 
 def test_unwritable_or_unreachable_locations_are_named_within_the_time_limit(tmp_path):
@@ -413,7 +417,7 @@ def _save_params(config, params, step=1):
 
 def _model_params(config):
     exp = config.experiment_kwargs.config
-    model, task = experiment.model_config_from(exp), experiment.task_config_from(exp)
+    model, task = model_configs.model_config_from(exp), model_configs.task_config_from(exp)
     from graphcast import memory, rollout
     res = model.resolution
     lat = np.linspace(-90, 90, int(round(180 / res)) + 1)
@@ -429,24 +433,24 @@ def test_export_refuses_mismatched_or_non_finite_parameters(sample_dir, tmp_path
     params = _model_params(config)
     _save_params(config, params)
     out = tmp_path / "model.npz"
-    experiment.export(config, str(out), None)  # the good case exports
+    export_lib.export(config, str(out), None)  # the good case exports
     assert gc_checkpoint.load(str(out)).model_config.latent_size == 16
 
     relabelled = _export_config(sample_dir, tmp_path)
     relabelled.experiment_kwargs.config.model.latent_size = 64
     with pytest.raises(ckpt_lib.ConfigMismatchError,
                        match="model.latent_size: checkpoint has 16, config has 64"):
-        experiment.export(relabelled, str(tmp_path / "relabelled.npz"), None)
+        export_lib.export(relabelled, str(tmp_path / "relabelled.npz"), None)
     assert not (tmp_path / "relabelled.npz").exists()
     # Even when the recorded config agrees, the shapes tell the sizes apart.
     relabelled.checkpoint_dir = str(tmp_path / "relabelled_run")
     _save_params(relabelled, params)
     with pytest.raises(ckpt_lib.ConfigMismatchError,
                        match="model.latent_size: parameters have 16, config has 64"):
-        experiment.export(relabelled, str(tmp_path / "relabelled.npz"), None)
+        export_lib.export(relabelled, str(tmp_path / "relabelled.npz"), None)
 
     with pytest.raises(preflight.LocationError, match="no/such/dir"):
-        experiment.export(config, str(tmp_path / "no" / "such" / "dir" / "m.npz"), None)
+        export_lib.export(config, str(tmp_path / "no" / "such" / "dir" / "m.npz"), None)
 
     wrong = jax.tree.map(lambda x: x, params)
     module = sorted(wrong)[0]
@@ -455,7 +459,7 @@ def test_export_refuses_mismatched_or_non_finite_parameters(sample_dir, tmp_path
     _save_params(config, wrong, step=2)
     with pytest.raises(ckpt_lib.ConfigMismatchError, match=f"{module}/{name}: checkpoint "
                                                            r"\(3, 3\)"):
-        experiment.export(config, str(tmp_path / "wrong.npz"), None)
+        export_lib.export(config, str(tmp_path / "wrong.npz"), None)
 
     bad = jax.tree.map(lambda x: x.copy(), params)
     bad[module][name].flat[0] = np.nan
@@ -463,7 +467,7 @@ def test_export_refuses_mismatched_or_non_finite_parameters(sample_dir, tmp_path
     _save_params(config, bad, step=3)
     monkeypatch.undo()
     with pytest.raises(gc_checkpoint.CheckpointError, match=f"non-finite.*{module}/{name}"):
-        experiment.export(config, str(tmp_path / "nan.npz"), None)
+        export_lib.export(config, str(tmp_path / "nan.npz"), None)
     assert not (tmp_path / "nan.npz").exists()
 
 
@@ -471,7 +475,7 @@ def test_export_description_redacts_credentials(tmp_path):
     config = _plain_config(tmp_path / "c")
     config.experiment_kwargs.config.data.source = (
         f"https://user:{_SECRET}@host/x.zarr?X-Goog-Signature={_SECRET}&alt=media")
-    text = experiment.export_description(config, 5)
+    text = export_lib.export_description(config, 5)
     assert _SECRET not in text and "https://<redacted>@host/x.zarr" in text and "alt=media" in text
 
 
@@ -554,7 +558,7 @@ def test_log_lines_are_redacted():
             records.append(self.format(record))
 
     handler = Keep()
-    handler.addFilter(experiment._Redacting())
+    handler.addFilter(logging_setup.Redacting())
     logger = logging.getLogger("test_failures.redaction")
     logger.addHandler(handler)
     try:
@@ -569,11 +573,11 @@ def test_log_lines_are_redacted():
 def test_only_user_errors_are_shortened():
     with pytest.raises(SystemExit) as info:
         exit_status.run_reporting(lambda: (_ for _ in ()).throw(
-            preflight.ConfigError("bad\nfield")), experiment.USER_ERRORS)
+            preflight.ConfigError("bad\nfield")), launch.USER_ERRORS)
     assert info.value.code == exit_status.CONFIG
     with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
-        exit_status.run_reporting(lambda: 1 / 0, experiment.USER_ERRORS)
-    statuses = [status for _, status in experiment.USER_ERRORS]
+        exit_status.run_reporting(lambda: 1 / 0, launch.USER_ERRORS)
+    statuses = [status for _, status in launch.USER_ERRORS]
     kinds = {exit_status.CONFIG, exit_status.DATA, exit_status.STATS, exit_status.CHECKPOINT,
              exit_status.LOCATION, exit_status.LOCKED, exit_status.DIVERGED,
              exit_status.TERMINATED, exit_status.INTERRUPTED}
@@ -605,10 +609,9 @@ def test_failing_final_evaluation_keeps_the_last_step_and_its_error(sample_dir, 
     config.save_checkpoint_interval = 1
     config.experiment_kwargs.config.eval.at_end = True
     _slow_json_saves(monkeypatch, 1.0)
-    monkeypatch.setattr(experiment, "Experiment", _EvalFails)
     compat.apply()
     with pytest.raises(RuntimeError, match="the final evaluation exploded"):
-        experiment.run(config, "train")
+        launch.run(config, "train", _EvalFails)
     monkeypatch.undo()
     reader = ckpt_lib.Checkpointer(config, "read")
     assert reader.all_steps("latest")[-1] == 3  # saved before the evaluation, and waited for
@@ -629,10 +632,9 @@ def test_ctrl_c_waits_for_the_save_in_flight(sample_dir, tmp_path, monkeypatch):
     config = tiny_config(sample_dir, str(tmp_path / "run"), steps=5)
     config.save_checkpoint_interval = 1
     _slow_json_saves(monkeypatch, 2.0)
-    monkeypatch.setattr(experiment, "Experiment", _InterruptedAt3)
     compat.apply()
     with pytest.raises(KeyboardInterrupt):
-        experiment.run(config, "train")
+        launch.run(config, "train", _InterruptedAt3)
     monkeypatch.undo()
     reader = ckpt_lib.Checkpointer(config, "read")
     assert reader.all_steps("latest") == [1, 2, 3]
@@ -648,7 +650,7 @@ def test_the_eval_job_takes_no_lock_and_names_a_missing_checkpoint(sample_dir, t
     compat.apply()
     try:
         with pytest.raises(ckpt_lib.NoCheckpointError, match="run/latest"):
-            experiment.run(config, "eval")
+            launch.run(config, "eval", experiment.Experiment)
     finally:
         holder.release()
 

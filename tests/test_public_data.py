@@ -30,7 +30,8 @@ from test_experiment import ROOT, sample_example, saved_params, tiny_config
 from test_experiment import sample_dir  # noqa: F401  (session fixture: the synthetic sample)
 from test_sources import SMALL_TASK
 from test_sources import _forbidding_server  # noqa: E402
-from training import compat, data_input, evaluation, preflight
+from training import compat, data_input, evaluation, launch, preflight
+from training import export as export_lib, model_configs
 
 WB2_DATA = "weatherbench2/datasets/era5/sample.zarr"
 WB2_CLIM = "weatherbench2/datasets/era5-hourly-climatology/sample_6h.zarr"
@@ -131,11 +132,11 @@ def test_eval_mode_checks_the_eval_split_only(sample_dir, tmp_path):  # noqa: F8
     data = config.experiment_kwargs.config.data
     data.update(dict(train_start="2020-01-01T00", train_end="2020-01-01T06"))  # inputs, no target
     with pytest.raises(preflight.RolloutTooLongError, match="train split"):
-        experiment.check_before_start(config, "train")
-    experiment.check_before_start(config, "eval")
+        preflight.check_before_start(config, "train")
+    preflight.check_before_start(config, "eval")
     data.update(dict(eval_start="2020-01-20T06", eval_end="2020-01-20T18"))
     with pytest.raises(preflight.RolloutTooLongError, match="eval split"):
-        experiment.check_before_start(config, "eval")
+        preflight.check_before_start(config, "eval")
 
 
 # -- gs:// everywhere, on the emulator -----------------------------------------------------------
@@ -183,8 +184,8 @@ def public_buckets(gcs_emulator, sample_dir, tmp_path_factory):  # noqa: F811
     params, _ = exp._initial_params()  # pylint: disable=protected-access
     ckpt = gc_checkpoint.CheckPoint(
         params=jax.tree.map(np.asarray, params),
-        model_config=experiment.model_config_from(config.experiment_kwargs.config),
-        task_config=experiment.task_config_from(config.experiment_kwargs.config))
+        model_config=model_configs.model_config_from(config.experiment_kwargs.config),
+        task_config=model_configs.task_config_from(config.experiment_kwargs.config))
     gc_checkpoint.save(f"gs://{PARAMS}", ckpt)
     return endpoint, ckpt
 
@@ -261,7 +262,7 @@ def test_sample_trains_and_evaluates_from_public_style_gcs(public_buckets, sampl
     monkeypatch.setattr(evaluation.Climatology, "at", record_at)
     monkeypatch.setattr(evaluation, "summary_table", record_table)
     compat.apply()
-    experiment.run(config, "train")
+    launch.run(config, "train", experiment.Experiment)
 
     assert not (tmp_path / "never").exists()
     assert any(p.startswith("weatherbench2/graph_cache/graphs_")
@@ -289,7 +290,7 @@ def test_sample_trains_and_evaluates_from_public_style_gcs(public_buckets, sampl
     assert checked == 3 * len(lead_hours) and len(init_times) == 4
 
     # Export to gs:// and predict from gs:// (checkpoint, statistics, output).
-    print(experiment.export(config, "gs://weatherbench2/exports/tiny model.npz", None))
+    print(export_lib.export(config, "gs://weatherbench2/exports/tiny model.npz", None))
     dataset = tmp_path / "example.nc"
     sample_example(sample_dir, ckpt.task_config)[0].to_netcdf(dataset)
     from graphcast import predict

@@ -1,6 +1,6 @@
 """Reliability under bad input, non-finite values, failed checkpoint writes and secrets (issue 6).
 
-The bad-input catalogue runs `experiment.check_before_start` (what `run()` calls before the
+The bad-input catalogue runs `preflight.check_before_start` (what `run()` calls before the
 writers, the checkpointer and jaxline start) and asserts a named error, no XLA compile and no
 file under the checkpoint directory. The other tests drive jaxline in this process on the tiny
 config of test_experiment, or experiment.py in a subprocess where a real process must die.
@@ -22,9 +22,12 @@ from conftest import synthetic_wb2
 from data import validate
 from graphcast import checkpoint as gc_checkpoint
 from graphcast import normalization
+from graphcast import rollout
 from test_experiment import ROOT, saved_params, tiny_config, train
 from test_experiment import sample_dir  # noqa: F401  (session fixture: the synthetic sample)
 from training import checkpointer as ckpt_lib
+from training import model_configs
+from training import nonfinite
 from training import preflight
 
 _LEVELS = (500, 850)
@@ -56,10 +59,10 @@ def _stats_copy(sample, out, edit) -> str:
 
 def _checkpoint(path, config, **task_changes) -> str:
     exp = config.experiment_kwargs.config
-    task = experiment.task_config_from(exp)
+    task = model_configs.task_config_from(exp)
     task = task.__class__(**{**task.__dict__, **task_changes})
     ckpt = gc_checkpoint.CheckPoint(params={"mesh": {"w": np.zeros((2, 2), np.float32)}},
-                                    model_config=experiment.model_config_from(exp), task_config=task)
+                                    model_config=model_configs.model_config_from(exp), task_config=task)
     gc_checkpoint.save(str(path), ckpt)
     return str(path)
 
@@ -213,7 +216,7 @@ def no_model(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was built before the input error was found")
 
-    monkeypatch.setattr(experiment.rollout, "Predictor", refuse)
+    monkeypatch.setattr(rollout, "Predictor", refuse)
 
 
 def test_the_catalogue_is_large_enough():
@@ -231,7 +234,7 @@ def _good_config(sample, tmp):
 
 
 def test_good_inputs_pass_the_checks(sample_dir, tmp_path):  # noqa: F811
-    experiment.check_before_start(_good_config(sample_dir, tmp_path))
+    preflight.check_before_start(_good_config(sample_dir, tmp_path))
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
@@ -243,7 +246,7 @@ def test_bad_input_is_a_named_error_before_compile_or_write(case, sample_dir, tm
     if patch:
         patch(monkeypatch)
     with pytest.raises(error, match=pattern) as info:
-        experiment.check_before_start(config)
+        preflight.check_before_start(config)
     assert type(info.value).__name__ != "ValueError"  # a named subclass, not a bare ValueError
     assert not os.path.exists(config.checkpoint_dir)
     assert "ya29.fake" not in str(info.value)
@@ -319,7 +322,7 @@ def test_poisoned_example_skips_its_update_and_k_bad_steps_stop(sample_dir, tmp_
     stop.save_checkpoint_interval = 1
     stop.experiment_kwargs.config.training.max_consecutive_nonfinite = 3
     Poisoned.POISON = (3, 4, 5, 6, 7, 8)
-    with pytest.raises(experiment.NonFiniteError, match=r"3 consecutive steps \(steps \[3, 4, 5\]\)"):
+    with pytest.raises(nonfinite.NonFiniteError, match=r"3 consecutive steps \(steps \[3, 4, 5\]\)"):
         train(stop, Poisoned)
     params, meta = saved_params(str(tmp_path / "stop"))
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))

@@ -17,14 +17,15 @@ import time
 import pytest
 import xarray as xr
 
-import experiment
 from conftest import _LOOPBACK_ENV, free_port, upload_tree
 from data import examples, sources, validate
+from graphcast import exit_status
 from test_experiment import ROOT, _cli_overrides
 from test_experiment import sample_dir  # noqa: F401  (session fixture: the synthetic sample)
 from test_preemption import _example_log, _start
 from test_reliability import _good_config
 from test_sources import _forbidding_server
+from training import model_configs, preflight
 
 BUCKET = "era5"
 STEPS = 10
@@ -163,7 +164,7 @@ def _expected_order(sample, batch=2):
     """Init times of the first STEPS batches of the same split and seed, over the local copy."""
     from configs import sample as sample_config
     cfg = sample_config.get_config().experiment_kwargs.config
-    task = experiment.task_config_from(cfg)
+    task = model_configs.task_config_from(cfg)
     task = task.__class__(**{**task.__dict__, "pressure_levels": (500, 850)})
     ds = sources.open_source(f"{sample}/era5_sample.zarr", task_config=task)
     it = examples.TrainIterator(ds, task, split=(cfg.data.train_start, "2020-01-13"),
@@ -203,12 +204,12 @@ def test_missing_bucket_object_and_403_name_the_url(sample_dir, tmp_path, emulat
                        ("gs://no-such-bucket/era5.zarr", validate.SourceNotFoundError)):
         data.source = url
         with pytest.raises(error, match=url):
-            experiment.check_before_start(config)
+            preflight.check_before_start(config)
     with _forbidding_server() as endpoint:
         data.source = "gs://private-bucket/era5.zarr"
         data.storage_options = {"endpoint_url": endpoint}
         with pytest.raises(validate.SourceAccessError, match="gs://private-bucket/era5.zarr"):
-            experiment.check_before_start(config)
+            preflight.check_before_start(config)
     assert not os.path.exists(config.checkpoint_dir)
 
 
@@ -325,9 +326,9 @@ def test_stalled_checkpoint_storage_stops_the_run_naming_the_step(sample_dir, tm
         status, out = _finish(training, 300)
         emulator.down()  # unstall: the storage answers again
         emulator.up()
-        if status != experiment.EXIT_CHECKPOINT_TIMEOUT and _EMULATOR_FLAKE in out:
+        if status != exit_status.SAVE_TIMEOUT and _EMULATOR_FLAKE in out:
             raise _EmulatorFlake()  # a save that began before the stall met the flake
-        assert status == experiment.EXIT_CHECKPOINT_TIMEOUT, out[-4000:]
+        assert status == exit_status.SAVE_TIMEOUT, out[-4000:]
         match = re.search(r"CheckpointTimeoutError: Saving checkpoint latest step (\d+) to "
                           + re.escape(f"{ckpt_dir}/latest") + r" has not finished", out)
         assert match, out[-4000:]

@@ -1,1 +1,2 @@
-"""Training-loop support for experiment.py: jaxline fixes, checkpoints, logging, optimizer, evaluation."""
+"""Everything experiment.py's jaxline Experiment relies on: launching the modes, up-front checks,
+inputs, checkpoints, evaluation, export, optimizer, logging and jaxline fixes."""

@@ -114,7 +114,7 @@ class CheckpointTimeoutError(TimeoutError):
     """A background checkpoint save did not finish within its time limit.
 
     Its writer threads may still be blocked on storage, and Python waits for them at exit:
-    `experiment.py` exits the process directly after reporting this error.
+    `training.launch` exits the process directly after reporting this error.
     """
 
 

@@ -1,4 +1,5 @@
-"""Makes jaxline 0.0.8 run on current JAX, without TensorFlow.
+"""Makes jaxline 0.0.8 run on current JAX, without TensorFlow; moves values between the host
+and jaxline's per-device layout (a leading axis of local devices).
 
 jaxline still calls APIs that JAX removed (`jax.device_put_sharded`, `jax.tree_map`), and its
 `platform` module imports TensorFlow. `apply()` patches the few broken entry points in place;
@@ -40,6 +41,23 @@ def bcast_local_devices(value: Any) -> Any:
     n = jax.local_device_count()
     host = jax.tree.map(lambda v: np.broadcast_to(np.asarray(v), (n,) + np.shape(v)), value)
     return jax.device_put(host, local_device_sharding())
+
+
+def _shard0(x: Any) -> Any:
+    """The first local device's value of a per-device array [devices, ...] (stays on device)."""
+    if isinstance(x, jax.Array):
+        return x.addressable_data(0).reshape(x.shape[1:])  # works across processes too
+    return np.asarray(x)[0]
+
+
+def first_local(x: Any) -> np.ndarray:
+    """Host copy of the first local device's value of a per-device array."""
+    return np.asarray(_shard0(x))
+
+
+def device0(tree: Any) -> Any:
+    """First-device values of per-device scalars (what jaxline logs), without a host sync."""
+    return jax.tree.map(_shard0, tree)
 
 
 def _device_put_sharded(sharded_tree: Any, devices) -> Any:

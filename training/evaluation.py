@@ -1,4 +1,5 @@
-"""Forecast verification: latitude-weighted RMSE, bias, ACC, persistence baseline, skill, figure.
+"""Forecast verification: latitude-weighted RMSE, bias, ACC, persistence baseline, skill, figure,
+and the evaluation loop that streams forecasts through them.
 
 Conventions (WeatherBench2):
 * Latitude weights are proportional to the area of each grid cell (sin of the upper minus sin of the
@@ -13,7 +14,8 @@ Arrays follow the host batch layout: per variable [B, T, (L), H, W] with H latit
 """
 
 import io
-from typing import Mapping, Optional, Sequence
+import os
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -220,6 +222,45 @@ def summary_table(metrics: Mapping[str, float], step: int, lead_hours: Sequence[
         if cells:
             lines.append(f"  {short:>5}: " + "; ".join(cells))
     return "\n".join(lines)
+
+
+def verify_forecasts(predict: Callable[[dict], dict], batches: Iterable[dict], lat: np.ndarray,
+                     levels: Sequence[int], lead_hours: Sequence[int],
+                     climatology: Optional["Climatology"] = None) -> tuple:
+    """The evaluation loop. Each batch (host layout [local_devices, per_device, ...] with
+    `init_time`) is forecast by `predict(batch) -> predictions` in the same layout and verified
+    against its targets, persistence and, when given, the climatology.
+
+    Returns (the accumulator summed over all processes, (predictions, targets) of the first
+    batch for the figure, or None without batches)."""
+    accumulator = MetricsAccumulator(lat, levels, lead_hours)
+    first = None
+    flat = lambda tree: {k: np.reshape(v, (-1,) + v.shape[2:]) for k, v in tree.items()}
+    for batch in batches:
+        init_times = batch.pop("init_time")
+        preds, targets, inputs = flat(predict(batch)), flat(batch["targets"]), flat(batch["inputs"])
+        last_inputs = {k: v[:, -1] for k, v in inputs.items() if k in targets}
+        clim = climatology.at(np.ravel(init_times), lead_hours) if climatology else None
+        accumulator.add(preds, targets, last_inputs, clim)
+        if first is None:
+            first = (preds, targets)
+    return allreduce(accumulator), first
+
+
+def write_figure(first: tuple, lat: np.ndarray, lon: np.ndarray, levels: Sequence[int],
+                 lead_index: int, step: int, out_dir: str, writer=None) -> None:
+    """Writes the first batch's forecast maps at lead step `lead_index` as
+    `out_dir/step_<step>.png`, and to `writer`'s images when it takes images."""
+    from absl import logging  # pylint: disable=import-outside-toplevel
+    png = forecast_figure(first[0], first[1], lat, lon, levels, lead_index,
+                          6 * (lead_index + 1), title=f"step {step}")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"step_{step:08d}.png")
+    with open(path, "wb") as f:
+        f.write(png)
+    logging.info("Wrote %s.", path)
+    if writer is not None and hasattr(writer, "write_images"):
+        writer.write_images(step, {"forecast": png_to_array(png)})
 
 
 class Climatology:

@@ -1,5 +1,7 @@
 """Up-front checks of a run's config, inputs and output locations, before anything compiles or
-is written. Every mode (train, eval, export) runs the checks that apply to it:
+is written. `check_before_start(config, mode)` runs the checks that apply to the mode (train,
+eval, export) and returns the run's `inputs.Inputs`, which keeps what the checks opened (data,
+statistics, climatology, fine-tuning checkpoint) for the Experiment to reuse. Its parts:
 
 * `check_config`: no I/O. Unknown fields, credentials placed in the config, destructive or
   impossible values (non-positive sizes and steps, zero workers, `max_checkpoints_to_keep < 1`,
@@ -11,8 +13,8 @@ is written. Every mode (train, eval, export) runs the checks that apply to it:
 * `check_writable`: an output location (checkpoint directory, export path) is reachable and
   writable, tested by writing a probe within a bounded time.
 
-`redact` removes anything that looks like a credential from a text; `experiment.py` applies it
-to every log line and error it prints, and the checkpointer to the config it saves.
+`redact` removes anything that looks like a credential from a text; the launcher applies it to
+every log line and one-line error, the checkpointer to the config it saves.
 """
 
 import dataclasses
@@ -23,17 +25,15 @@ import threading
 from typing import Any, Callable, Iterator, Optional, Tuple
 
 import jax
-import numpy as np
+from absl import logging
 
 from configs import base
 from data import examples
 from data import gcs
 from data import validate
-from graphcast import checkpoint as gc_checkpoint
 from graphcast import config as gc_config
-from graphcast import normalization
 from training import data_input
-from training import evaluation
+from training import inputs as inputs_lib
 from training import optim
 
 
@@ -233,50 +233,30 @@ def check_rollouts(source, config, ar_steps: int, with_eval: bool) -> None:
                 f"{times[0]} .. {times[-1]}); shorten the rollout or widen the split.")
 
 
-def check_init_checkpoint(path: str, model_config, task_config, lat: np.ndarray,
-                          source: str, storage_options: Optional[dict] = None) -> None:
-    """The fine-tuning checkpoint is a readable official .npz of finite parameters that fits the
-    model, task and grid."""
-    if not path:
-        return
-    # CheckpointError: missing, refused, truncated, corrupt, object arrays
-    ckpt = gc_checkpoint.load(path, storage_options)
-    gc_checkpoint.check_matches(ckpt, model_config, task_config, source=path)
-    gc_checkpoint.check_grid(ckpt, lat, source=source)
-    gc_checkpoint.check_finite(ckpt, source=path)
-
-
-def check_climatology(path: str, task_config, source, data_cfg) -> None:
+def check_climatology(inputs: inputs_lib.Inputs) -> None:
     """eval.climatology opens, holds the targets and fits the model grid (otherwise it would be
     read only at the first evaluation, which may come after the whole training run)."""
-    if not path:
-        return
     try:
-        evaluation.Climatology(path, task_config, source.lat, source.lon,
-                               data_input.storage_options(data_cfg, path) or None)
+        inputs.climatology  # pylint: disable=pointless-statement
     except Exception as e:  # noqa: BLE001 -- whatever the reader raises, name the field and path
-        raise ClimatologyError(f"eval.climatology={path} cannot be used: "
-                               f"{type(e).__name__}: {e}") from e
+        raise ClimatologyError(f"eval.climatology={inputs.config.eval.climatology} cannot be "
+                               f"used: {type(e).__name__}: {e}") from e
 
 
-def check_inputs(config, model_config, task_config, ar_steps: int, source,
+def check_inputs(config, inputs: inputs_lib.Inputs, ar_steps: int,
                  with_eval: bool = True) -> None:
-    """Statistics, fine-tuning checkpoint, climatology, rollout lengths and the first example of
-    `source`; ar_steps: the longest training rollout (0: the mode does not train); with_eval:
-    the run evaluates (its eval split must fit eval.rollout_steps)."""
-    exp = config.experiment_kwargs.config
-    stats_dir, init_checkpoint = exp.data.stats_dir, exp.training.init_checkpoint
-    # StatsError naming the file/URL, variable, level or value
-    normalization.load_stats(stats_dir, task_config,
-                             data_input.storage_options(exp.data, stats_dir))
+    """Statistics, fine-tuning checkpoint, climatology, rollout lengths and the first example,
+    opened through `inputs` (which keeps them for the run); ar_steps: the longest training
+    rollout (0: the mode does not train); with_eval: the run evaluates (its eval split must fit
+    eval.rollout_steps)."""
+    # Opening checks each input (a named error otherwise); `inputs` keeps it for the run.
+    inputs.stats  # pylint: disable=pointless-statement
     if ar_steps:
-        check_init_checkpoint(init_checkpoint, model_config, task_config, source.lat,
-                              exp.data.source, data_input.storage_options(exp.data,
-                                                                          init_checkpoint))
+        inputs.init_checkpoint  # pylint: disable=pointless-statement
     if with_eval:
-        check_climatology(exp.eval.climatology, task_config, source, exp.data)
-    check_rollouts(source, config, ar_steps, with_eval)
-    source.example_batch()  # NaNDataError naming variable and time if the first chunk has one
+        check_climatology(inputs)
+    check_rollouts(inputs.source, config, ar_steps, with_eval)
+    inputs.source.example_batch()  # NaNDataError naming variable and time if the first chunk has one
 
 
 def check_config(config, mode: str = "train") -> None:
@@ -285,6 +265,45 @@ def check_config(config, mode: str = "train") -> None:
     check_no_credentials(config)
     check_sizes(config)
     check_batch(config, mode)
+
+
+def check_before_start(config, mode: str = "train",
+                       export_path: str = "") -> Optional[inputs_lib.Inputs]:
+    """The checks for `mode`, named errors before any compile or write: the config (every mode);
+    data, statistics, climatology and fine-tuning checkpoint (train, eval); output locations:
+    the checkpoint directory (train, and eval when it exists) or the export path (export).
+
+    Returns the run's Inputs holding what was opened (None for export, which opens none)."""
+    check_config(config, "train" if mode == "train_eval_multithreaded" else mode)
+    exp = config.experiment_kwargs.config
+    inputs = inputs_lib.Inputs(exp)  # builds the model and task: TaskConfigError
+    storage = dict(exp.data.storage_options or {}) or None
+    if mode != "export":
+        for line in data_input.input_summary(config):
+            logging.info(line)
+        data_input.ensure_sample_data(exp.data, exp.eval.climatology)
+        optim_config = optim.OptimConfig.from_mapping(dict(exp.optimizer))
+        trains = mode in ("train", "train_eval_multithreaded")
+        ar_steps = max(optim.distinct_ar_steps(optim_config, exp.training.run_steps)) \
+            if trains else 0
+        # Opening the data validates its metadata (variables, levels, times, grid).
+        inputs.source  # pylint: disable=pointless-statement
+        with_eval = mode != "train" or bool(exp.eval.at_end or exp.eval.interval_steps)
+        check_inputs(config, inputs, ar_steps, with_eval)
+    if mode in ("train", "train_eval_multithreaded") and jax.process_index() == 0:
+        check_writable(config.checkpoint_dir, "config.checkpoint_dir", storage_options=storage)
+    checkpoint_dir = str(config.checkpoint_dir)
+    if mode == "eval" and jax.process_index() == 0 and ("://" in checkpoint_dir
+                                                         or os.path.isdir(checkpoint_dir)):
+        # The eval job writes best/ there; a directory that is not there yet is waited for.
+        check_writable(checkpoint_dir, "config.checkpoint_dir (eval writes best/ there)",
+                       create=False, storage_options=storage)
+    if mode == "export":
+        check_writable(os.path.dirname(os.path.abspath(export_path)) if "://" not in
+                       export_path else export_path.rsplit("/", 1)[0],
+                       f"the directory of --export_path={export_path}", create=False)
+        return None
+    return inputs
 
 
 def _bounded(fn: Callable[[], None], timeout_s: float) -> Optional[BaseException]:
