@@ -19,12 +19,14 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import jax
+from jax.sharding import Mesh
 import numpy as np
 
 from jaxline import experiment as jl_experiment
 
 from graphcast import rollout
 from graphcast import update as gc_update
+from graphcast.config import TIME_STEP_HOURS
 from training import compat
 from training import data_input
 from training import evaluation
@@ -90,7 +92,7 @@ class Experiment(jl_experiment.AbstractExperiment):
             self._predictor = rollout.Predictor(
                 self.model_config, self.task_config, self._inputs.stats, self.source.lat,
                 self.source.lon, bf16=training.bf16, remat_steps=training.remat_steps,
-                offload_windows=training.offload_windows,
+                offload_windows=training.offload_windows, host_batch=training.host_batch,
                 remat_blocks=training.remat_blocks, block_size=training.block_size or None,
                 graph_cache_dir=self.config.data.graph_cache_dir or None)
         return self._predictor
@@ -159,9 +161,22 @@ class Experiment(jl_experiment.AbstractExperiment):
         """The pmapped loss+grad+AdamW update for one rollout length (compiled on first use)."""
         if ar_steps not in self._updates:
             logging.info("Compiling the training step for %d autoregressive step(s).", ar_steps)
-            update = gc_update.update_fn(self.predictor, self._direction, axis_name=_AXIS)
-            self._updates[ar_steps] = jax.pmap(update, axis_name=_AXIS, donate_argnums=(0, 1))
+            if self.predictor.host_batch:  # pmap cannot take a batch in host memory
+                self._updates[ar_steps] = gc_update.data_parallel_update(
+                    self.predictor, self._direction, _AXIS, jax.local_devices())
+            else:
+                update = gc_update.update_fn(self.predictor, self._direction, axis_name=_AXIS)
+                self._updates[ar_steps] = jax.pmap(update, axis_name=_AXIS,
+                                                   donate_argnums=(0, 1))
         return self._updates[ar_steps]
+
+    def _place_batch(self, batch: dict) -> dict:
+        """The host batch on the local devices, one slice each (in their host memory with
+        training.host_batch: each rollout step copies in only the frames it reads)."""
+        if not self.predictor.host_batch:
+            return compat.shard_local(batch)
+        mesh = Mesh(np.asarray(jax.local_devices()), (_AXIS,))
+        return jax.device_put(batch, gc_update.batch_sharding(self.predictor, mesh, _AXIS))
 
     def _next_batch(self) -> dict:
         """The next host batch of the train iterator (tests override it to inject faults)."""
@@ -193,7 +208,7 @@ class Experiment(jl_experiment.AbstractExperiment):
         init_times = batch.pop("init_time")
         self._log_examples(step, init_times)
         self._params, self._opt_state, scalars = self._update_fn(ar_steps)(
-            self._params, self._opt_state, compat.shard_local(batch),
+            self._params, self._opt_state, self._place_batch(batch),
             np.full((jax.local_device_count(),), lr, np.float32))
         self._nonfinite.record(step, scalars.pop("update_skipped"), init_times)
         return {**compat.device0(scalars), "learning_rate": np.float32(lr),
@@ -227,7 +242,7 @@ class Experiment(jl_experiment.AbstractExperiment):
             return jax.device_get(self._predict_fn(params, device_batch["inputs"],
                                                    device_batch["forcings"]))
 
-        lead_hours = [6 * (k + 1) for k in range(cfg.rollout_steps)]
+        lead_hours = [TIME_STEP_HOURS * (k + 1) for k in range(cfg.rollout_steps)]
         began = time.perf_counter()
         batches = self.source.eval_batches(
             batch_size=cfg.batch_size or self.config.data.global_batch_size,
@@ -236,7 +251,8 @@ class Experiment(jl_experiment.AbstractExperiment):
             predict, batches, self.source.lat, self.task_config.pressure_levels, lead_hours,
             self._inputs.climatology)
         metrics = accumulator.result()
-        scalars = {**metrics, **evaluation.headline(metrics, 6 * cfg.headline_lead_step),
+        headline_hours = TIME_STEP_HOURS * cfg.headline_lead_step
+        scalars = {**metrics, **evaluation.headline(metrics, headline_hours),
                    "skill_mean": evaluation.mean_skill(metrics),
                    "eval_examples": accumulator.num_examples,
                    "eval_seconds": time.perf_counter() - began}

@@ -44,9 +44,10 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
 
     # training: memory is the constraint at this size. 12-step update per device with offloaded
     # windows: H100 30.3 GiB (60.9 without); TPU v4 refused (30.98 GiB of its usable 30.75),
-    # 25.7 GiB with the batch in host memory too (README). host_batch takes effect only where
-    # the update is graphcast.update.data_parallel_update (pmap keeps the batch on the device);
-    # for 1-step updates it costs (TPU v4: 21.0 -> 23.2 GiB), so use it from 2 steps on.
+    # 25.7 GiB with the batch in host memory too (README). With host_batch the experiment trains
+    # through graphcast.update.data_parallel_update over this host's devices (pmap cannot take a
+    # host-memory batch), so it is single-host only: set host_batch=False for multi-host runs.
+    # For 1-step updates it costs (TPU v4: 21.0 -> 23.2 GiB) but still fits.
     exp.training.update(dict(bf16=True, remat_steps=True, remat_blocks=True, block_size=32768,
                              offload_windows=True, host_batch=True))
 

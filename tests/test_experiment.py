@@ -278,6 +278,37 @@ def test_two_processes_match_one_process(sample_dir, tmp_path):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-6), a, b)
 
 
+@pytest.mark.slow
+def test_host_batch_trains_like_a_device_batch(sample_dir, tmp_path):
+    """training.host_batch (batch in host memory, data-parallel jit instead of pmap) trains the
+    same parameters as the pmapped device batch, on two local devices."""
+    steps, batch = 3, 2
+    host_batch = "--config.experiment_kwargs.config.training.host_batch=True"
+    device = _run_cli(_cli_overrides(sample_dir, tmp_path / "device", steps, batch)
+                      + ["--cpu_devices=2"])
+    host = _run_cli(_cli_overrides(sample_dir, tmp_path / "host", steps, batch)
+                    + ["--cpu_devices=2", host_batch])
+    _wait([device, host])
+    a, _ = saved_params(str(tmp_path / "device"))
+    b, _ = saved_params(str(tmp_path / "host"))
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b)
+
+
+def test_host_batch_is_refused_across_processes(sample_dir, tmp_path):
+    from conftest import free_port
+    port = free_port()
+    procs = [_run_cli(_cli_overrides(sample_dir, tmp_path / "multi", 1, 2)
+                      + ["--cpu_devices=1", f"--coordinator_address=127.0.0.1:{port}",
+                         f"--coordinator_bind_address=127.0.0.1:{port}", "--num_processes=2",
+                         f"--process_id={i}",
+                         "--config.experiment_kwargs.config.training.host_batch=True"])
+             for i in range(2)]
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 2, out[-3000:]
+        assert "training.host_batch=True is not supported with 2 processes" in out, out[-3000:]
+
+
 def test_configs_keep_the_pinned_keys():
     from configs import era5_0p25deg, era5_1deg
     for module in (sample_config, era5_1deg, era5_0p25deg):

@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from graphcast.config import TIME_STEP_HOURS
 from graphcast.losses import latitude_weights
 
 # Headline metrics for TensorBoard: (variable, level or None) -> short name.
@@ -253,7 +254,7 @@ def write_figure(first: tuple, lat: np.ndarray, lon: np.ndarray, levels: Sequenc
     `out_dir/step_<step>.png`, and to `writer`'s images when it takes images."""
     from absl import logging  # pylint: disable=import-outside-toplevel
     png = forecast_figure(first[0], first[1], lat, lon, levels, lead_index,
-                          6 * (lead_index + 1), title=f"step {step}")
+                          TIME_STEP_HOURS * (lead_index + 1), title=f"step {step}")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"step_{step:08d}.png")
     with open(path, "wb") as f:
