@@ -14,6 +14,7 @@ variables of one time) are kept by time in a bounded LRU cache, so consecutive e
 overlap (eval order, curriculum with long rollouts) read each frame once.
 """
 
+import asyncio
 import collections
 import threading
 from typing import Mapping
@@ -23,6 +24,7 @@ import numpy as np
 import xarray as xr
 import zarr
 from xarray.core import indexing
+from zarr.core import sync as zarr_sync
 from zarr.core.buffer import cpu as zarr_cpu
 
 from data import sources, validate
@@ -193,6 +195,7 @@ class FrameReader:
                              f"{absent}, which is not in the dataset.") from e
         frames = self._frames(indices) if self._framed else [{}] * len(indices)
         progress = self._progress(times)
+        direct = []
         for part, rows in (("inputs", slice(0, n_in)), ("targets", slice(n_in, None)),
                            ("forcings", slice(n_in, None))):
             for name, dest in out[part].items():
@@ -201,33 +204,43 @@ class FrameReader:
                 elif name in progress:
                     dest[...] = progress[name][rows]
                 elif name in self._direct:
-                    self._read_direct(name, indices[rows], dest)
+                    direct.append((name, indices[rows], dest))
                 else:
                     for k, frame in enumerate(frames[rows]):
                         dest[k] = frame[name]
+        if direct:
+            self._read_direct(direct)
 
+    def _read_direct(self, jobs: list) -> None:
+        """Decodes each (variable, time indices, dest [T, ...]) of `jobs` straight into dest: one
+        read per run of consecutive times, all in flight together in zarr's event loop (so the
+        chunks of every variable are fetched and decoded concurrently), each checked for NaN/Inf
+        as soon as it has landed."""
+        reads = []
+        for name, indices, dest in jobs:
+            array, time_start, rest, flips = self._direct[name]
+            k = 0
+            for first, last in _runs(indices):   # in the order of `indices`
+                block = dest[k:k + last - first + 1]
+                target = block[tuple(slice(None, None, -1) if f else slice(None) for f in flips)]
+                selection = (slice(time_start + first, time_start + last + 1),) + rest
+                reads.append((name, first, last, array, selection, block, target))
+                k += last - first + 1
 
-    def _read_direct(self, name: str, indices: list, dest: np.ndarray) -> None:
-        """Decodes `name` at time `indices` straight into `dest` [T, ...], one read per run of
-        consecutive times, and checks each run for NaN/Inf right after it is written."""
-        array, time_start, rest, flips = self._direct[name]
-        k = 0
-        for first, last in _runs(indices):   # in the order of `indices`
-            n = last - first + 1
-            block = dest[k:k + n]
-            target = block[tuple(slice(None, None, -1) if f else slice(None) for f in flips)]
-            selection = (slice(time_start + first, time_start + last + 1),) + rest
-            try:
-                array.get_basic_selection(selection,
-                                          out=zarr_cpu.NDBuffer.from_numpy_array(target))
-            except (validate.DataValidationError, ConnectionError, TimeoutError):
-                raise
-            except Exception as e:  # noqa: BLE001 -- a chunk that does not decode: name it
-                raise self._unreadable(name, list(range(first, last + 1)), e) from e
+        async def read(name, first, last, array, selection, block, target):
+            await array.async_array.get_orthogonal_selection(
+                selection, out=zarr_cpu.NDBuffer.from_numpy_array(target))
             if self._check and not np.isfinite(np.sum(block)):
                 for j, i in enumerate(range(first, last + 1)):
                     validate.check_finite(block[j], variable=name, time=self.times[i])
-            k += n
+
+        async def read_all():
+            return await asyncio.gather(*(read(*r) for r in reads), return_exceptions=True)
+        for (name, first, last, *_), result in zip(reads, zarr_sync.sync(read_all())):
+            if isinstance(result, (validate.DataValidationError, ConnectionError, TimeoutError)):
+                raise result
+            if isinstance(result, BaseException):   # a chunk that does not decode: name it
+                raise self._unreadable(name, list(range(first, last + 1)), result) from result
 
 
 def _direct_source(var: xr.Variable):
