@@ -1,11 +1,14 @@
-"""data.windows: zarr decoding straight into the destination gives the general path's bytes."""
+"""Reads without copies: zarr decoding straight into the destination gives the general path's
+bytes (data.windows); batch files are reused only when free (data.workers)."""
 
+import concurrent.futures
 import dataclasses
+import gc
 
 import numpy as np
 import pytest
 
-from data import sample, sources, windows
+from data import sample, sources, windows, workers
 from graphcast import config
 
 RUN = dataclasses.replace(config.TASK_13, pressure_levels=(500, 600, 700, 850))   # a run
@@ -70,3 +73,31 @@ def test_direct_reads_catch_nan_and_inf_naming_variable_and_time(tmp_path, varia
                        match=rf"{kind} found in variable '{variable}' at time\(s\) "
                              r"2015-12-30 06:00:00"):
         reader.read(reader.times[4], 1)   # the target frame, time 5
+
+
+
+def test_batch_file_is_reused_only_once_reads_are_done_and_views_gone():
+    """A batch file goes back to the pool when its reads are done and its last view is gone, not
+    before (a reused file still holds the old bytes; a fresh one is zeros)."""
+    layout = {"inputs": {"x": (2, 3)}}
+    files = workers.BatchFiles(keep=2)
+    first = workers.SharedBatch(layout, 4, files)
+    view = first.arrays["inputs"]["x"]
+    view[...] = 7.0
+    reading = concurrent.futures.Future()
+    first.release_when_done([reading])
+    del first
+
+    def fresh():
+        batch = workers.SharedBatch(layout, 4, files)
+        values = batch.arrays["inputs"]["x"].copy()
+        batch.release_when_done([])
+        return values
+    assert not fresh().any()       # a read into the first batch is still pending
+    reading.set_result(None)
+    assert not fresh().any()       # the first batch is still viewed
+    np.testing.assert_array_equal(view, 7.0)
+    del view
+    gc.collect()
+    np.testing.assert_array_equal(fresh(), 7.0)   # now its file is reused
+    files.close()
