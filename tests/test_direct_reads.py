@@ -4,6 +4,7 @@ bytes (data.windows); batch files are reused only when free (data.workers)."""
 import concurrent.futures
 import dataclasses
 import gc
+import os
 
 import numpy as np
 import pytest
@@ -101,3 +102,16 @@ def test_batch_file_is_reused_only_once_reads_are_done_and_views_gone():
     gc.collect()
     np.testing.assert_array_equal(fresh(), 7.0)   # now its file is reused
     files.close()
+
+
+def test_direct_reads_name_a_chunk_that_does_not_decode(tmp_path):
+    path = _store(tmp_path, "cut.zarr")
+    chunk = os.path.join(path, "2m_temperature", "4.0.0")   # time 4: 2015-12-30 00:00
+    with open(chunk, "r+b") as f:
+        f.truncate(os.path.getsize(chunk) // 3)
+    reader = windows.FrameReader(sources.open_source(path, task_config=RUN, use_dask=False), RUN,
+                                 cache_bytes=0)
+    assert "2m_temperature" in reader._direct   # pylint: disable=protected-access
+    with pytest.raises(sources.validate.CorruptDataError,
+                       match=r"variable '2m_temperature' at time 2015-12-30T00:00"):
+        reader.read(reader.times[3], 1)
