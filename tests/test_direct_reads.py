@@ -47,7 +47,8 @@ def test_direct_reads_equal_general_path_bit_for_bit(tmp_path, ascending):
         stored = [n for n in direct.dynamic if n not in config.PROGRESS_VARS]
         if task is RUN:   # every stored variable goes the direct way, flipped or not
             assert sorted(direct._direct) == sorted(stored)   # pylint: disable=protected-access
-            assert direct._direct["temperature"][3][2] == (not ascending)  # pylint: disable=protected-access
+            flips = direct._direct["temperature"][3]   # pylint: disable=protected-access
+            assert flips == (False, False, not ascending, False)   # time, level, lat, lon
         else:             # a level list: 3-D variables fall back to indexing and copying
             assert "temperature" not in direct._direct        # pylint: disable=protected-access
             assert "2m_temperature" in direct._direct          # pylint: disable=protected-access
