@@ -54,6 +54,7 @@ class BatchStream:
         self._processes = (workers.ProcessReaders(dataset, task_config, num_workers=num_workers,
                                                   cache_bytes=cache_bytes)
                            if worker_processes else None)
+        self._files = workers.BatchFiles(keep=prefetch + 2) if worker_processes else None
         self._pool = (concurrent.futures.ThreadPoolExecutor(num_workers, "examples")
                       if prefetch > 0 and not worker_processes else None)
         self._queue = collections.deque()   # (first global index, num_steps, arrays, futures)
@@ -94,7 +95,7 @@ class BatchStream:
         steps, times = self._num_steps, self._host_times(first)
         layout = self.reader.layout(steps)
         if self._processes is not None:
-            shared = workers.SharedBatch(layout, self.per_host)
+            shared = workers.SharedBatch(layout, self.per_host, self._files)
             futures = [self._processes.submit(shared, i, t, steps) for i, t in enumerate(times)]
             return shared.arrays, futures, shared
         arrays = {part: {n: np.empty((self.per_host,) + s, np.float32) for n, s in shapes.items()}
@@ -165,6 +166,7 @@ class BatchStream:
         if self._processes is not None:
             self._processes.shutdown()
             self._processes = None
+            self._files.close()
 
     def __enter__(self):
         return self

@@ -2,16 +2,19 @@
 
 `FrameReader.read(init_time, num_steps)` returns one example: {"inputs", "targets", "forcings"}
 dicts of float32 arrays with a leading time axis, in the host batch layout of the model;
-`read_into` writes it into given arrays (a slot of a batch), so a frame is copied once, from the
-decoded chunk to its place in the batch. Frames (all variables of one time) are cached by time in
-a bounded LRU cache, so consecutive examples that overlap (eval order, curriculum with long
-rollouts) read each frame once.
+`read_into` writes it into given arrays (a slot of a batch).
 
-Speed: a variable that is not dask-backed (`sources.open_source(..., use_dask=False)`) is read
-one time at a time by plain indexing, which costs a zarr read and nothing else; dask-backed
-variables (derived ones, or a dataset opened with dask) are computed one frame at a time.
+Speed: with the frame cache off, a stored float32 zarr variable seen through plain slices (what
+`sources.open_source(..., use_dask=False)` gives for a local or gs:// zarr, latitude flip and a run
+of levels included) is decoded by zarr straight into its place in the destination, then checked
+for NaN/Inf there while it is still in cache: no intermediate array, no copy. Other variables
+(dask-backed or derived ones, a level list that is not a run, a subsampled grid, another backend)
+are read one frame at a time by indexing and copied into place. With the cache on, frames (all
+variables of one time) are kept by time in a bounded LRU cache, so consecutive examples that
+overlap (eval order, curriculum with long rollouts) read each frame once.
 """
 
+import asyncio
 import collections
 import threading
 from typing import Mapping
@@ -19,8 +22,12 @@ from typing import Mapping
 import dask
 import numpy as np
 import xarray as xr
+import zarr
+from xarray.core import indexing
+from zarr.core import sync as zarr_sync
+from zarr.core.buffer import cpu as zarr_cpu
 
-from data import validate
+from data import sources, validate
 from data.splits import SIX_HOURS
 from graphcast import config
 from graphcast import data_utils
@@ -43,7 +50,8 @@ class FrameReader:
             config.check_pressure_levels(have, task_config.pressure_levels, "dataset",
                                          validate.MissingLevelsError)
             if have != list(task_config.pressure_levels):
-                dataset = dataset.sel(level=list(task_config.pressure_levels))
+                dataset = dataset.isel(level=sources.level_indexer(
+                    have, list(task_config.pressure_levels)))
         names = list(dict.fromkeys(task_config.input_variables + task_config.target_variables
                                    + task_config.forcing_variables))
         derived = [n for n in names if n in data_utils.PROGRESS_VARS]
@@ -59,6 +67,9 @@ class FrameReader:
         self.statics = {n: np.asarray(dataset[n].transpose("lat", "lon").values, np.float32)
                         for n in names if n not in derived and n not in self.dynamic}
         self._data = dataset[self.dynamic]
+        self._direct = {} if cache_bytes else {
+            n: d for n in self.dynamic if (d := _direct_source(self._data[n].variable))}
+        self._framed = [n for n in self.dynamic if n not in self._direct]
         self._check = bool(dataset.attrs.get("check_nans", 0))
         self._source = dataset.attrs.get("normalized_from", "<dataset>")
         self._scheduler = dask_scheduler
@@ -87,7 +98,7 @@ class FrameReader:
         concurrently; a list of times would be an element-wise selection)."""
         frames = {i: {} for i in indices}
         runs = _runs(sorted(indices))
-        for name in self.dynamic:
+        for name in self._framed:
             var = self._data[name]
             for first, last in runs:
                 try:
@@ -182,8 +193,9 @@ class FrameReader:
             absent = np.datetime64(e.args[0], "ns")
             raise ValueError(f"Example at {init_time} with {num_steps} steps needs time "
                              f"{absent}, which is not in the dataset.") from e
-        frames = self._frames(indices)
+        frames = self._frames(indices) if self._framed else [{}] * len(indices)
         progress = self._progress(times)
+        direct = []
         for part, rows in (("inputs", slice(0, n_in)), ("targets", slice(n_in, None)),
                            ("forcings", slice(n_in, None))):
             for name, dest in out[part].items():
@@ -191,9 +203,78 @@ class FrameReader:
                     dest[...] = self.statics[name]
                 elif name in progress:
                     dest[...] = progress[name][rows]
+                elif name in self._direct:
+                    direct.append((name, indices[rows], dest))
                 else:
                     for k, frame in enumerate(frames[rows]):
                         dest[k] = frame[name]
+        if direct:
+            self._read_direct(direct)
+
+    def _read_direct(self, jobs: list) -> None:
+        """Decodes each (variable, time indices, dest [T, ...]) of `jobs` straight into dest: one
+        read per run of consecutive times, all in flight together in zarr's event loop (so the
+        chunks of every variable are fetched and decoded concurrently), each checked for NaN/Inf
+        as soon as it has landed."""
+        reads = []
+        for name, indices, dest in jobs:
+            array, time_start, rest, flips = self._direct[name]
+            k = 0
+            for first, last in _runs(indices):   # in the order of `indices`
+                block = dest[k:k + last - first + 1]
+                target = block[tuple(slice(None, None, -1) if f else slice(None) for f in flips)]
+                selection = (slice(time_start + first, time_start + last + 1),) + rest
+                reads.append((name, first, last, array, selection, block, target))
+                k += last - first + 1
+
+        async def read(name, first, last, array, selection, block, target):
+            await array.async_array.get_orthogonal_selection(
+                selection, out=zarr_cpu.NDBuffer.from_numpy_array(target))
+            if self._check and not np.isfinite(np.sum(block)):
+                for j, i in enumerate(range(first, last + 1)):
+                    validate.check_finite(block[j], variable=name, time=self.times[i])
+
+        async def read_all():
+            return await asyncio.gather(*(read(*r) for r in reads), return_exceptions=True)
+        for (name, first, last, *_), result in zip(reads, zarr_sync.sync(read_all())):
+            if isinstance(result, (validate.DataValidationError, ConnectionError, TimeoutError)):
+                raise result
+            if isinstance(result, BaseException):   # a chunk that does not decode: name it
+                raise self._unreadable(name, list(range(first, last + 1)), result) from result
+
+
+def _direct_source(var: xr.Variable):
+    """(zarr array, first stored time, stored selection of the other axes, which of all axes
+    are reversed) when `var` is a float32 zarr array seen only through slices of step 1 or -1
+    in its stored axis order, so that zarr can decode it straight into a destination; else
+    None."""
+    data = var._data   # pylint: disable=protected-access -- xarray's lazy indexing chain
+    if not isinstance(data, indexing.CopyOnWriteArray):
+        return None
+    lazy = data.array
+    if type(lazy) is not indexing.LazilyIndexedArray or \
+            not isinstance(lazy.key, indexing.BasicIndexer) or \
+            not hasattr(lazy.array, "get_array"):
+        return None
+    array = lazy.array.get_array()
+    key = lazy.key.tuple
+    if not isinstance(array, zarr.Array) or array.dtype != np.float32 or \
+            var.dtype != np.float32 or var.dims[0] != "time" or len(key) != array.ndim or \
+            not all(isinstance(k, slice) for k in key):
+        return None
+    plain, flips = [], []
+    for k, size in zip(key, array.shape):
+        start, stop, step = k.indices(size)
+        if step == 1:
+            plain.append(slice(start, max(start, stop)))
+        elif step == -1:
+            plain.append(slice(stop + 1, max(stop + 1, start + 1)))
+        else:
+            return None
+        flips.append(step == -1)
+    if flips[0]:
+        return None
+    return array, plain[0].start, tuple(plain[1:]), tuple(flips)
 
 
 def _runs(indices: list) -> list:

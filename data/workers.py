@@ -5,16 +5,18 @@ lazily indexed zarr that is its metadata, not its data), so decoding, NaN checks
 as many cores as there are workers, free of the parent's GIL. A batch lives in one file under
 /dev/shm mapped by the parent and the workers: a worker writes its example into its slot, and the
 parent hands out numpy views of the mapping, with no copy and no pickling of arrays. The file is
-unlinked at once (workers open it through the parent's descriptor) and closed once the batch is
-complete or dropped; the memory goes when the last view does.
+unlinked at once (workers open it through the parent's descriptor); once the batch's reads are
+done and its last view is gone, the file is reused for a later batch (BatchFiles) or closed.
 """
 
+import collections
 import concurrent.futures
 import mmap
 import multiprocessing
 import os
 import tempfile
 import threading
+import weakref
 from typing import Mapping, Optional
 
 import numpy as np
@@ -72,24 +74,27 @@ class SharedBatch:
     """One batch's arrays in a /dev/shm file that worker processes open by `path`.
 
     Where /proc exists the file is unlinked at once and workers open it through this process's
-    descriptor (/proc/PID/fd/N), so nothing is left in /dev/shm even if the process is killed."""
+    descriptor (/proc/PID/fd/N), so nothing is left in /dev/shm even if the process is killed.
+    From a `BatchFiles` pool, the file is reused by a later batch once it is free (see there)."""
 
-    def __init__(self, layout: Mapping, rows: int):
+    def __init__(self, layout: Mapping, rows: int, files: Optional["BatchFiles"] = None):
         self.placed, size = offsets(layout, rows)
-        folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-        self._fd, self.path = tempfile.mkstemp(prefix="graphcast-batch-", dir=folder)
-        os.ftruncate(self._fd, size)
-        self._buffer = mmap.mmap(self._fd, size)
-        by_descriptor = f"/proc/{os.getpid()}/fd/{self._fd}"
-        if os.path.exists(by_descriptor):
-            os.unlink(self.path)
-            self.path = by_descriptor
-        self.arrays = views(self._buffer, self.placed)
+        self._files = files
+        taken = files.take(size) if files is not None else None
+        self._fd, self.path, self._buffer = taken or _new_file(size)
+        base = np.frombuffer(self._buffer, np.uint8)
+        self.arrays = views(base, self.placed)
+        self._pending = 2   # reads not finished, arrays still viewed
+        self._lock = threading.Lock()
+        weakref.finalize(base, self._one_released)
 
     def release_when_done(self, futures: list) -> None:
-        """Closes the file (and removes it if still named) once every read into it has finished
-        or been cancelled: a descriptor number closed earlier could be reused by another batch
-        and opened by a late worker. The arrays stay valid while referenced."""
+        """Closes the file (and removes it if still named), or returns it to its pool, once
+        every read into it has finished or been cancelled and no view of its arrays is left: a
+        descriptor number closed earlier could be reused by another batch and opened by a late
+        worker, and a reused file must not change under a batch still in use. The arrays stay
+        valid while referenced."""
+        self.arrays = None   # only the caller's views keep the memory now
         pending = [len(futures)]
         lock = threading.Lock()
 
@@ -98,16 +103,72 @@ class SharedBatch:
                 pending[0] -= 1
                 last = pending[0] == 0
             if last:
-                self._close()
+                self._one_released()
         if not futures:
-            self._close()
+            self._one_released()
         for f in futures:
             f.add_done_callback(one_done)
 
-    def _close(self) -> None:
-        os.close(self._fd)
-        if not self.path.startswith("/proc/"):
-            os.unlink(self.path)
+    def _one_released(self) -> None:
+        with self._lock:
+            self._pending -= 1
+            if self._pending:
+                return
+        if self._files is None or not self._files.give(self._fd, self.path, self._buffer):
+            _close(self._fd, self.path, self._buffer)
+
+
+def _new_file(size: int) -> tuple:
+    folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    fd, path = tempfile.mkstemp(prefix="graphcast-batch-", dir=folder)
+    os.ftruncate(fd, size)
+    buffer = mmap.mmap(fd, size)
+    by_descriptor = f"/proc/{os.getpid()}/fd/{fd}"
+    if os.path.exists(by_descriptor):
+        os.unlink(path)
+        path = by_descriptor
+    return fd, path, buffer
+
+
+def _close(fd: int, path: str, buffer: mmap.mmap) -> None:
+    try:
+        buffer.close()
+    except BufferError:   # a view still exists somewhere: the GC unmaps it with the last one
+        pass
+    os.close(fd)
+    if not path.startswith("/proc/"):
+        os.unlink(path)
+
+
+class BatchFiles:
+    """Free batch files by size, for reuse: a batch written into a file whose pages are already
+    in memory costs no page faults and no zeroing of fresh pages. At most `keep` are kept."""
+
+    def __init__(self, keep: int):
+        self._free = collections.defaultdict(list)   # size -> [(fd, path, mmap)]
+        self._keep = keep
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def take(self, size: int) -> Optional[tuple]:
+        with self._lock:
+            return self._free[size].pop() if self._free[size] else None
+
+    def give(self, fd: int, path: str, buffer: mmap.mmap) -> bool:
+        """Keeps a free file (False: closed or full, the caller closes it)."""
+        with self._lock:
+            if self._closed or sum(map(len, self._free.values())) >= self._keep:
+                return False
+            self._free[len(buffer)].append((fd, path, buffer))
+            return True
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            free = [f for files in self._free.values() for f in files]
+            self._free.clear()
+        for f in free:
+            _close(*f)
 
 
 class ProcessReaders:

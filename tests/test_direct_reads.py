@@ -1,0 +1,118 @@
+"""Reads without copies: zarr decoding straight into the destination gives the general path's
+bytes (data.windows); batch files are reused only when free (data.workers)."""
+
+import concurrent.futures
+import dataclasses
+import gc
+import os
+
+import numpy as np
+import pytest
+
+from data import sample, sources, windows, workers
+from graphcast import config
+
+RUN = dataclasses.replace(config.TASK_13, pressure_levels=(500, 600, 700, 850))   # a run
+SPREAD = dataclasses.replace(config.TASK_13, pressure_levels=(50, 500, 1000))     # not a run
+
+
+def _store(tmp_path, name, *, ascending=False, poison=None):
+    """The 30-degree sample as a WeatherBench2-layout zarr (all 13 levels), latitude stored
+    north-to-south (flipped on reading) or south-to-north; `poison` = (variable, time, value)."""
+    wb2 = sample.generate(seed=0, resolution=30.0, start="2015-12-29", days=3)
+    if ascending:
+        wb2 = wb2.isel(latitude=slice(None, None, -1))
+    if poison:
+        variable, t, value = poison
+        at = (t, 8, 2, 3) if "level" in wb2[variable].dims else (t, 2, 3)   # level 600
+        wb2[variable][at] = value
+    path = str(tmp_path / name)
+    wb2.chunk({"time": 1}).to_zarr(path, zarr_format=2, consolidated=True)
+    return path
+
+
+def _examples(reader, steps):
+    return [reader.read(t, steps) for t in reader.times[1:-steps]]
+
+
+@pytest.mark.parametrize("ascending", [False, True])
+def test_direct_reads_equal_general_path_bit_for_bit(tmp_path, ascending):
+    path = _store(tmp_path, "s.zarr", ascending=ascending)
+    for task in (RUN, SPREAD):
+        indexed = sources.open_source(path, task_config=task, use_dask=False)
+        direct = windows.FrameReader(indexed, task, cache_bytes=0)
+        general = windows.FrameReader(indexed, task, cache_bytes=2 ** 20)   # cache: general
+        with_dask = windows.FrameReader(sources.open_source(path, task_config=task), task,
+                                        cache_bytes=0)
+        stored = [n for n in direct.dynamic if n not in config.PROGRESS_VARS]
+        if task is RUN:   # every stored variable goes the direct way, flipped or not
+            assert sorted(direct._direct) == sorted(stored)   # pylint: disable=protected-access
+            flips = direct._direct["temperature"][3]   # pylint: disable=protected-access
+            assert flips == (False, False, not ascending, False)   # time, level, lat, lon
+        else:             # a level list: 3-D variables fall back to indexing and copying
+            assert "temperature" not in direct._direct        # pylint: disable=protected-access
+            assert "2m_temperature" in direct._direct          # pylint: disable=protected-access
+        assert not general._direct and not with_dask._direct  # pylint: disable=protected-access
+        for steps in (1, 2):
+            for a, b, c in zip(_examples(direct, steps), _examples(general, steps),
+                               _examples(with_dask, steps)):
+                for part in a:
+                    for name in a[part]:
+                        assert a[part][name].tobytes() == b[part][name].tobytes(), name
+                        assert a[part][name].tobytes() == c[part][name].tobytes(), name
+
+
+@pytest.mark.parametrize("variable,value,kind", [("temperature", np.nan, "NaN"),
+                                                 ("2m_temperature", np.inf, "Inf")])
+def test_direct_reads_catch_nan_and_inf_naming_variable_and_time(tmp_path, variable, value,
+                                                                  kind):
+    path = _store(tmp_path, "bad.zarr", poison=(variable, 5, value))
+    ds = sources.open_source(path, task_config=RUN, use_dask=False)
+    reader = windows.FrameReader(ds, RUN, cache_bytes=0)
+    assert variable in reader._direct   # pylint: disable=protected-access
+    reader.read(reader.times[2], 1)     # times 1-3: clean
+    with pytest.raises(sources.validate.NaNDataError,
+                       match=rf"{kind} found in variable '{variable}' at time\(s\) "
+                             r"2015-12-30 06:00:00"):
+        reader.read(reader.times[4], 1)   # the target frame, time 5
+
+
+
+def test_batch_file_is_reused_only_once_reads_are_done_and_views_gone():
+    """A batch file goes back to the pool when its reads are done and its last view is gone, not
+    before (a reused file still holds the old bytes; a fresh one is zeros)."""
+    layout = {"inputs": {"x": (2, 3)}}
+    files = workers.BatchFiles(keep=2)
+    first = workers.SharedBatch(layout, 4, files)
+    view = first.arrays["inputs"]["x"]
+    view[...] = 7.0
+    reading = concurrent.futures.Future()
+    first.release_when_done([reading])
+    del first
+
+    def fresh():
+        batch = workers.SharedBatch(layout, 4, files)
+        values = batch.arrays["inputs"]["x"].copy()
+        batch.release_when_done([])
+        return values
+    assert not fresh().any()       # a read into the first batch is still pending
+    reading.set_result(None)
+    assert not fresh().any()       # the first batch is still viewed
+    np.testing.assert_array_equal(view, 7.0)
+    del view
+    gc.collect()
+    np.testing.assert_array_equal(fresh(), 7.0)   # now its file is reused
+    files.close()
+
+
+def test_direct_reads_name_a_chunk_that_does_not_decode(tmp_path):
+    path = _store(tmp_path, "cut.zarr")
+    chunk = os.path.join(path, "2m_temperature", "4.0.0")   # time 4: 2015-12-30 00:00
+    with open(chunk, "r+b") as f:
+        f.truncate(os.path.getsize(chunk) // 3)
+    reader = windows.FrameReader(sources.open_source(path, task_config=RUN, use_dask=False), RUN,
+                                 cache_bytes=0)
+    assert "2m_temperature" in reader._direct   # pylint: disable=protected-access
+    with pytest.raises(sources.validate.CorruptDataError,
+                       match=r"variable '2m_temperature' at time 2015-12-30T00:00"):
+        reader.read(reader.times[3], 1)
