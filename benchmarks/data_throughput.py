@@ -8,8 +8,8 @@ Three figures, measured side by side on the same store:
                  time;
   pipeline_mb_s  the experiment's training input iterator, built as the experiment builds it
                  (`training.data_input.Source.train_iterator`: batches for the local devices,
-                 `--workers` readers, processes unless `--threads`, prefetch 2); frame cache off,
-                 so no frame is read twice whatever the shuffled order.
+                 `--workers` readers, processes unless `--threads`, prefetch 2; no frame cache, as in
+                 training, so stored frames decode straight into the batch).
 An example is what a training step with 2 input frames and 1 target step needs; MB/s count the
 bytes of the float32 arrays each path returns (example_bytes per example for the last two).
 
@@ -138,8 +138,8 @@ def read_pipeline(url: str, opts, task, resolution: float, *, workers: int, proc
                          train_start="2000", train_end="2100", global_batch_size=batch,
                          storage_options=dict(opts or {})))
     source = data_input.Source(data_cfg, task, resolution)
-    with source.train_iterator(global_batch_size=batch, num_steps=1, max_num_steps=1,
-                               cache_bytes=0) as iterator:
+    with source.train_iterator(global_batch_size=batch, num_steps=1,
+                               max_num_steps=1) as iterator:
         iterator.next()
         timings = []
         for _ in range(repeat):
