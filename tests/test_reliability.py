@@ -430,11 +430,14 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
+        seen = []
         for line in proc.stdout:
             if line.startswith("SAVING"):
                 break
+            seen.append(line)
         else:
-            raise AssertionError("the writer never reached step 2")
+            raise AssertionError("the writer never reached step 2; its output:\n"
+                                 + "".join(seen)[-4000:])
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait(timeout=60)
