@@ -75,6 +75,7 @@ class Experiment(jl_experiment.AbstractExperiment):
         self._predictor = None
         self._train_input = None
         self._updates = {}           # ar_steps -> pmapped update (one compile per rollout length)
+        self._host_batch_sharding = None   # where the batch goes with training.host_batch
         self._predict_fn = None
 
     @property
@@ -175,8 +176,10 @@ class Experiment(jl_experiment.AbstractExperiment):
         training.host_batch: each rollout step copies in only the frames it reads)."""
         if not self.predictor.host_batch:
             return compat.shard_local(batch)
-        mesh = Mesh(np.asarray(jax.local_devices()), (_AXIS,))
-        return jax.device_put(batch, gc_update.batch_sharding(self.predictor, mesh, _AXIS))
+        if self._host_batch_sharding is None:
+            mesh = Mesh(np.asarray(jax.local_devices()), (_AXIS,))
+            self._host_batch_sharding = gc_update.batch_sharding(self.predictor, mesh, _AXIS)
+        return jax.device_put(batch, self._host_batch_sharding)
 
     def _next_batch(self) -> dict:
         """The next host batch of the train iterator (tests override it to inject faults)."""
