@@ -399,8 +399,11 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     arrays, meta = fresh.read("latest")
     jax.tree.map(np.testing.assert_array_equal, arrays["experiment/params"], _arrays(1.0))
     assert meta["plain"]["experiment/data_state"] == {"epoch": 0, "position": 2}
-    _save(fresh, 2, _arrays(2.0))  # once the disk has space again, saving works
-    assert fresh.all_steps("latest") == [1, 2]
+    # Once the disk has space again, saving works. The next save is step 3: in this process the
+    # failed save's array writes may still be landing in step 2's temporary directory (a
+    # restarted job is a new process; its rewrite of step 2 is the killed-writer test's).
+    _save(fresh, 3, _arrays(3.0))
+    assert fresh.all_steps("latest") == [1, 3]
 
 
 _KILLED_WRITER = textwrap.dedent("""

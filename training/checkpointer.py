@@ -198,9 +198,14 @@ class Checkpointer:
     def manager(self, ckpt_series: str) -> ocp.CheckpointManager:
         """The orbax manager of a series (created on first use)."""
         if ckpt_series not in self._managers:
+            # The temporary step directory is created before save() returns, not by orbax's
+            # background directory creation: its writers wait for that signal for 300 s, and
+            # on a loaded machine a save was seen to die of that wait ("Timeout waiting for
+            # key ... step_directory_creation") before writing anything.
             options = ocp.CheckpointManagerOptions(
                 max_to_keep=self._keep.get(ckpt_series, 2), create=True,
-                enable_async_checkpointing=self._async)
+                enable_async_checkpointing=self._async,
+                async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
             self._managers[ckpt_series] = ocp.CheckpointManager(
                 self.directory(ckpt_series), options=options, item_names=("arrays", "meta"))
         return self._managers[ckpt_series]
