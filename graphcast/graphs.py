@@ -9,6 +9,7 @@ npz cache (no pickle) keyed by everything the graphs depend on lets restarts ski
 import dataclasses
 import hashlib
 import io
+import logging
 import os
 import tempfile
 from typing import Optional
@@ -177,7 +178,11 @@ def build_graphs(model_config: config_lib.ModelConfig, grid_lat: np.ndarray,
     if files.exists(path):
         return _load(path)
     graphs = _build(model_config, grid_lat, grid_lon)
-    _save(path, graphs)
+    try:
+        _save(path, graphs)
+    except OSError as e:  # a cache that cannot be written only costs the next run a rebuild
+        logging.warning("Graph cache %s not written (%s: %s); the graphs will be rebuilt at "
+                        "the next start.", path, type(e).__name__, e)
     return graphs
 
 

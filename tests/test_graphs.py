@@ -379,6 +379,18 @@ def test_quarter_degree_mesh6_counts(graph_stats):
 
 # ---------------------------------------------------------------------- cache
 
+def test_an_unwritable_cache_warns_and_builds(tmp_path, fixture_config, fixture_graphs, caplog):
+    """A cache directory that cannot be created costs a rebuild next time, not the run."""
+    model_config = config_lib.ModelConfig(**fixture_config["model_config"])
+    (tmp_path / "a_file").write_text("")
+    cache_dir = str(tmp_path / "a_file" / "cache")  # below a regular file: not creatable
+    with caplog.at_level("WARNING"):
+        built = graphs.build_graphs(model_config, *fixture_grid(fixture_config),
+                                    cache_dir=cache_dir)
+    np.testing.assert_array_equal(built.grid2mesh_senders, fixture_graphs.grid2mesh_senders)
+    assert any("Graph cache" in r.message and cache_dir in r.message for r in caplog.records)
+
+
 def test_cache_round_trip(tmp_path, fixture_config, fixture_graphs, monkeypatch):
     model_config = config_lib.ModelConfig(**fixture_config["model_config"])
     lat, lon = fixture_grid(fixture_config)
