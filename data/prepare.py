@@ -11,9 +11,9 @@ DeepMind made its 1-degree data from 0.25-degree ERA5.
 
 Compression (`--compression`): `default` is zarr's for v2 (blosc lz4, level 5, byte shuffle), as
 WeatherBench2 stores it; `none` stores the chunks uncompressed, so that reading a chunk is a file
-read and a copy (data.windows decodes it straight into the batch): at 1 degree about 2x the read
-rate per core, for the store's full float32 size on disk. Same chunks, same bytes once read; the
-choice is recorded in the store's attributes and needs no configuration to read back.
+read and a copy (data.windows decodes it straight into the batch), for the store's full float32
+size on disk (README, "Preparing training data", has what it measured). Same chunks, same bytes
+once read; the choice is recorded in the store and needs no configuration to read back.
 
 Resumable and idempotent: time is split into blocks of `block_size` steps; each block is written
 as a zarr region and then recorded by a marker object `_prepare/block-NNNNNN`. A re-run with the
