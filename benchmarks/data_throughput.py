@@ -16,6 +16,8 @@ bytes of the float32 arrays each path returns (example_bytes per example for the
     python benchmarks/data_throughput.py --resolution 1.0 --levels 13 --no-emulator --json
     python benchmarks/data_throughput.py --resolution 0.25 --levels 37 --no-emulator --workers 2
     python benchmarks/data_throughput.py --path DIR.zarr   # an existing WeatherBench2-layout zarr
+    python benchmarks/data_throughput.py --prepared none   # the store's data.prepare copy, chunks
+                                                           # uncompressed (--compression none)
     python benchmarks/data_throughput.py --strided         # 1-degree examples from a 0.25-degree
                                                            # zarr (every 4th point) vs a prepared copy
 
@@ -200,6 +202,8 @@ def main() -> None:
                    help="pipeline batches per timed run (default: one pass over the examples)")
     p.add_argument("--repeat", type=int, default=3,
                    help="each figure is the fastest of this many runs (shared machines)")
+    p.add_argument("--prepared", choices=("default", "none"), default=None,
+                   help="measure the store's data.prepare copy, written with this --compression")
     p.add_argument("--no-emulator", action="store_true", help="local zarr only")
     p.add_argument("--json", action="store_true", help="last line: one JSON object")
     p.add_argument("--strided", action="store_true",
@@ -220,6 +224,9 @@ def main() -> None:
               f"{time.perf_counter() - t0:.1f} s", flush=True)
     result = {"resolution": args.resolution, "levels": args.levels, "workers": args.workers,
               "worker_processes": not args.threads, "cores": os.cpu_count()}
+    if args.prepared:
+        path = prepared_copy(path, os.path.join(tmp.name, "prepared.zarr"), args)
+        result["prepared"] = args.prepared
     result.update(measure(path, None, args, task))
     if not args.no_emulator:
         with emulator() as endpoint:
@@ -233,6 +240,19 @@ def main() -> None:
         result[f"{key}_vs_raw"] = round(result[f"{key}_mb_s"] / result["raw_mb_s"], 2)
     if args.json:
         print(json.dumps(result))
+
+
+def prepared_copy(source: str, out: str, args) -> str:
+    """`python -m data.prepare --compression args.prepared` of all of `source` into `out`."""
+    from data import prepare  # pylint: disable=import-outside-toplevel
+    times = xr.open_zarr(source)["time"].values
+    t0 = time.perf_counter()
+    prepare.prepare(prepare.PrepareConfig(source, out, args.resolution, args.levels,
+                                          str(times[0]), str(times[-1]),
+                                          compression=args.prepared))
+    print(f"data.prepare copy (--compression {args.prepared}) in {time.perf_counter() - t0:.1f} s",
+          flush=True)
+    return out
 
 
 def strided(days: int, no_emulator: bool) -> None:

@@ -9,6 +9,12 @@ source lacks them; progress features are not stored (open_source derives them). 
 chunk. The grid is subsampled by taking every k-th point (k = resolution / source resolution), as
 DeepMind made its 1-degree data from 0.25-degree ERA5.
 
+Compression (`--compression`): `default` is zarr's for v2 (blosc lz4, level 5, byte shuffle), as
+WeatherBench2 stores it; `none` stores the chunks uncompressed, so that reading a chunk is a file
+read and a copy (data.windows decodes it straight into the batch), for the store's full float32
+size on disk (README, "Preparing training data", has what it measured). Same chunks, same bytes
+once read; the choice is recorded in the store and needs no configuration to read back.
+
 Resumable and idempotent: time is split into blocks of `block_size` steps; each block is written
 as a zarr region and then recorded by a marker object `_prepare/block-NNNNNN`. A re-run with the
 same arguments skips recorded blocks; interrupted and uninterrupted runs give identical bytes.
@@ -28,6 +34,9 @@ from graphcast.config import PRESSURE_LEVELS, PROGRESS_VARS, TISR, TaskConfig, t
 
 MARKER_DIR = "_prepare"
 CONFIG_ATTR = "prepare_config"
+COMPRESSIONS = ("default", "none")
+# Arguments absent from the recorded config of stores written before they existed.
+_LEGACY_DEFAULTS = {"compression": "default"}
 log = logging.getLogger(__name__)
 
 
@@ -44,14 +53,35 @@ class PrepareConfig:
     start: str
     end: str
     block_size: int = 8
+    compression: str = "default"
+
+    def __post_init__(self):
+        if self.compression not in COMPRESSIONS:
+            raise PrepareError(f"--compression {self.compression!r} is not one of "
+                               f"{', '.join(COMPRESSIONS)}.")
 
     def task(self) -> TaskConfig:
         return task_on_levels(self.levels)
 
     def fingerprint(self) -> str:
         """What decides the output's content (not where it goes)."""
-        keys = ("source", "resolution", "levels", "start", "end", "block_size")
+        keys = ("source", "resolution", "levels", "start", "end", "block_size", "compression")
         return json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
+
+
+def changed_arguments(recorded: Optional[str], wanted: str) -> list:
+    """The arguments (as `--flag recorded -> wanted`) whose values differ between a store's
+    recorded prepare config and this run's; [] when they match. A store without a recorded config
+    (another tool's zarr) differs in everything."""
+    if recorded is None:
+        return ["(no data.prepare config recorded)"]
+    try:
+        found = {**_LEGACY_DEFAULTS, **json.loads(recorded)}
+    except (TypeError, ValueError):
+        return [f"(unreadable data.prepare config {recorded!r})"]
+    want = json.loads(wanted)
+    return [f"--{k.replace('_', '-')} {found.get(k)!r} -> {want.get(k)!r}"
+            for k in sorted(set(found) | set(want)) if found.get(k) != want.get(k)]
 
 
 def to_output_layout(ds: xr.Dataset) -> xr.Dataset:
@@ -78,11 +108,13 @@ def build(config: PrepareConfig, storage_options: Optional[dict] = None) -> xr.D
     return out
 
 
-def _encoding(ds: xr.Dataset) -> dict:
+def _encoding(ds: xr.Dataset, compression: str) -> dict:
     enc = {"time": {"units": "hours since 1970-01-01", "dtype": "int64",
                     "calendar": "proleptic_gregorian"}}
     for name, var in ds.data_vars.items():
         enc[name] = {"chunks": tuple(c[0] for c in var.chunks) if var.chunks else var.shape}
+        if compression == "none":
+            enc[name]["compressors"] = None
     return enc
 
 
@@ -119,18 +151,18 @@ class _Output:
             return None
         return xr.open_zarr(self.url, storage_options=self.storage_options).attrs.get(CONFIG_ATTR)
 
-    def initialise(self, out: xr.Dataset) -> None:
+    def initialise(self, out: xr.Dataset, compression: str) -> None:
         """Writes metadata, coordinates and the static fields, then the `initialised` marker.
         Refuses to overwrite a zarr that a run with other arguments (or another tool) wrote."""
         if gcs.with_retries(lambda: self.fs.exists(f"{self.root}/.zgroup"), url=self.url):
             found = xr.open_zarr(self.url, storage_options=self.storage_options,
                                  consolidated=False).attrs.get(CONFIG_ATTR)
-            if found != out.attrs[CONFIG_ATTR]:
+            if changed := changed_arguments(found, out.attrs[CONFIG_ATTR]):
                 raise PrepareError(f"{self.url} already holds a zarr not written by an "
-                                   "interrupted data.prepare run with these arguments; use "
-                                   "another --out or delete it.")
+                                   "interrupted data.prepare run with these arguments "
+                                   f"({'; '.join(changed)}); use another --out or delete it.")
         out.to_zarr(self.url, mode="w", compute=False, consolidated=True, zarr_format=2,
-                    encoding=_encoding(out), storage_options=self.storage_options)
+                    encoding=_encoding(out, compression), storage_options=self.storage_options)
         statics = [v for v in out.data_vars if "time" not in out[v].dims]
         out[statics].drop_vars(list(out[statics].coords)).to_zarr(
             self.url, mode="r+", storage_options=self.storage_options)
@@ -152,11 +184,12 @@ def prepare(config: PrepareConfig, storage_options: Optional[dict] = None,
     output = _Output(config.out, out_storage_options)
     existing = output.existing_config()
     if existing is None:
-        output.initialise(out)
+        output.initialise(out, config.compression)
         done = set()
-    elif existing != config.fingerprint():
-        raise PrepareError(f"{config.out} was prepared with other arguments ({existing}); "
-                           f"this run has {config.fingerprint()}. Use another --out or delete it.")
+    elif changed := changed_arguments(existing, config.fingerprint()):
+        raise PrepareError(f"{config.out} was prepared with other arguments: "
+                           f"{'; '.join(changed)}. Rerun with the recorded values, or use another "
+                           "--out or delete it.")
     else:
         done = output.done()
     todo = [(i, b) for i, b in enumerate(blocks(out.sizes["time"], config.block_size))
@@ -180,6 +213,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--start", required=True, help="first date/time, e.g. 2016-01-01")
     p.add_argument("--end", required=True, help="last date/time (a date includes its day)")
     p.add_argument("--block-size", type=int, default=8, help="time steps per resumable block")
+    p.add_argument("--compression", choices=COMPRESSIONS, default="default",
+                   help="chunk compression: default = zarr's (blosc lz4, as WeatherBench2); "
+                        "none = uncompressed, faster to read, the full float32 size on disk")
     p.add_argument("--workers", type=int, default=None, help="dask threads (default: cores)")
     p.add_argument("--storage-options", type=json.loads, default=None,
                    help='JSON gcsfs options for the source, e.g. \'{"token": "anon"}\'')
@@ -188,7 +224,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     config = PrepareConfig(args.source, args.out, args.resolution, args.levels, args.start,
-                           args.end, args.block_size)
+                           args.end, args.block_size, args.compression)
     with dask.config.set(scheduler="threads", num_workers=args.workers):
         ds = prepare(config, args.storage_options, args.out_storage_options)
     print(f"{config.out}: {ds.sizes['time']} times, {ds.sizes['latitude']}x"

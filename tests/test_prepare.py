@@ -1,12 +1,14 @@
-"""data.prepare: subsampling, derived variables, resume after interruption, idempotence, gs://."""
+"""data.prepare: subsampling, derived variables, resume after interruption, idempotence, gs://,
+uncompressed chunks."""
 
+import json
 import os
 
 import numpy as np
 import pytest
 import xarray as xr
 
-from data import prepare, sources
+from data import examples, prepare, sources, windows
 from graphcast.config import PRESSURE_LEVELS, TASK
 
 LEVELS_13 = PRESSURE_LEVELS[13]
@@ -22,9 +24,10 @@ def source(tmp_path, make_wb2):
     return ds, path
 
 
-def _args(src, out, block_size=3):
+def _args(src, out, block_size=3, compression="default"):
     return ["--source", src, "--out", out, "--resolution", "20", "--levels", "13",
-            "--start", "2021-03-01T06", "--end", "2021-03-03", "--block-size", str(block_size)]
+            "--start", "2021-03-01T06", "--end", "2021-03-03", "--block-size", str(block_size),
+            "--compression", compression]
 
 
 def _files(root: str) -> dict:
@@ -58,10 +61,12 @@ def test_subsample_variables_and_read_back(tmp_path, source):
     assert "year_progress_sin" in ds and "day_progress_cos" in ds
 
 
-def test_resume_after_interruption_gives_identical_bytes(tmp_path, source, monkeypatch):
+@pytest.mark.parametrize("compression", ["default", "none"])
+def test_resume_after_interruption_gives_identical_bytes(tmp_path, source, monkeypatch,
+                                                         compression):
     _, src = source
     full, resumed = str(tmp_path / "full.zarr"), str(tmp_path / "resumed.zarr")
-    prepare.main(_args(src, full))
+    prepare.main(_args(src, full, compression=compression))
 
     real_write, calls = prepare._write_block, []
 
@@ -73,11 +78,11 @@ def test_resume_after_interruption_gives_identical_bytes(tmp_path, source, monke
 
     monkeypatch.setattr(prepare, "_write_block", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        prepare.main(_args(src, resumed))
+        prepare.main(_args(src, resumed, compression=compression))
     assert sorted(os.listdir(os.path.join(resumed, prepare.MARKER_DIR))) == [
         "block-000000", "block-000001", "initialised"]
     monkeypatch.setattr(prepare, "_write_block", real_write)
-    prepare.main(_args(src, resumed))
+    prepare.main(_args(src, resumed, compression=compression))
     assert _files(full) == _files(resumed)
 
     # A complete output is left alone: nothing is written again.
@@ -85,7 +90,7 @@ def test_resume_after_interruption_gives_identical_bytes(tmp_path, source, monke
         raise AssertionError("a finished block was rewritten")
 
     monkeypatch.setattr(prepare, "_write_block", fail)
-    prepare.main(_args(src, resumed))
+    prepare.main(_args(src, resumed, compression=compression))
     assert _files(full) == _files(resumed)
 
 
@@ -95,6 +100,36 @@ def test_other_arguments_refused(tmp_path, source):
     prepare.main(_args(src, out))
     with pytest.raises(prepare.PrepareError, match="prepared with other arguments"):
         prepare.main(_args(src, out, block_size=2))
+    with pytest.raises(prepare.PrepareError, match="--compression 'default' -> 'none'"):
+        prepare.main(_args(src, out, compression="none"))
+
+
+def test_other_compression_refused_after_an_interruption(tmp_path, source, monkeypatch):
+    """A run stopped before its first block, then rerun with other chunks, is refused too."""
+    _, src = source
+    out = str(tmp_path / "out.zarr")
+    def stopped(self, ds, compression):   # the template is written, the marker is not
+        ds.to_zarr(self.url, mode="w", compute=False, zarr_format=2)
+        raise KeyboardInterrupt("simulated interruption")
+
+    monkeypatch.setattr(prepare._Output, "initialise", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.main(_args(src, out))
+    monkeypatch.undo()
+    with pytest.raises(prepare.PrepareError, match="--compression 'default' -> 'none'"):
+        prepare.main(_args(src, out, compression="none"))
+
+
+def test_config_recorded_before_compression_existed_still_matches():
+    config = prepare.PrepareConfig("s.zarr", "o.zarr", 1.0, 13, "2020", "2021")
+    legacy = json.loads(config.fingerprint())
+    del legacy["compression"]
+    assert prepare.changed_arguments(json.dumps(legacy), config.fingerprint()) == []
+    none = prepare.PrepareConfig("s.zarr", "o.zarr", 1.0, 13, "2020", "2021", compression="none")
+    assert prepare.changed_arguments(json.dumps(legacy), none.fingerprint()) == [
+        "--compression 'default' -> 'none'"]
+    with pytest.raises(prepare.PrepareError, match="--compression 'lz4'"):
+        prepare.PrepareConfig("s.zarr", "o.zarr", 1.0, 13, "2020", "2021", compression="lz4")
 
 
 def test_resolution_not_a_multiple(tmp_path, source):
@@ -126,3 +161,66 @@ def test_foreign_zarr_not_overwritten(tmp_path, source):
     with pytest.raises(prepare.PrepareError, match="not written by an interrupted"):
         prepare.main(_args(src, out))
     assert xr.open_zarr(out).sizes["time"] == 1
+
+
+def _prepared_pair(tmp_path, src):
+    """The same source prepared with zarr's default compressor and uncompressed."""
+    paths = {c: str(tmp_path / f"{c}.zarr") for c in prepare.COMPRESSIONS}
+    for compression, path in paths.items():
+        prepare.main(_args(src, path, compression=compression))
+    return paths
+
+
+def test_uncompressed_chunks_read_back_bit_identical(tmp_path, source):
+    _, src = source
+    paths = _prepared_pair(tmp_path, src)
+    for name in ("temperature", "2m_temperature", "land_sea_mask"):
+        with open(os.path.join(paths["none"], name, ".zarray")) as f:
+            assert json.load(f)["compressor"] is None, name
+        with open(os.path.join(paths["default"], name, ".zarray")) as f:
+            assert json.load(f)["compressor"]["id"] == "blosc", name
+    readers = {}
+    for compression, path in paths.items():
+        ds = sources.open_source(path, task_config=TASK_13, resolution=20.0, use_dask=False)
+        readers[compression] = windows.FrameReader(ds, TASK_13, cache_bytes=0)
+    stored = [n for n in readers["none"].dynamic if n not in sources.PROGRESS_VARS]
+    assert sorted(readers["none"]._direct) == sorted(stored)  # pylint: disable=protected-access
+    for t in readers["none"].times[1:-2]:
+        a, b = readers["default"].read(t, 2), readers["none"].read(t, 2)
+        for part in a:
+            for name in a[part]:
+                assert a[part][name].tobytes() == b[part][name].tobytes(), (part, name)
+
+
+def _iterator(ds, **kw):
+    args = dict(split=("2021-03-01", "2021-03-03"), seed=3, global_batch_size=2,
+                max_num_steps=1, prefetch=0)
+    args.update(kw)
+    return examples.TrainIterator(ds, TASK_13, **args)
+
+
+def _equal_batches(a, b):
+    np.testing.assert_array_equal(a["init_time"], b["init_time"])
+    for part in ("inputs", "targets", "forcings"):
+        assert a[part].keys() == b[part].keys()
+        for name in a[part]:
+            assert a[part][name].tobytes() == b[part][name].tobytes(), (part, name)
+
+
+def test_uncompressed_training_batches_same_bytes_order_and_resume(tmp_path, source):
+    """The training iterator over an uncompressed copy, read by worker processes and restarted
+    mid-epoch, gives the default copy's batches in the same order (~13 s: two spawned pools)."""
+    _, src = source
+    paths = _prepared_pair(tmp_path, src)
+    opened = {c: sources.open_source(p, task_config=TASK_13, resolution=20.0, use_dask=False)
+              for c, p in paths.items()}
+    with _iterator(opened["default"]) as it:
+        expected = [it.next() for _ in range(6)]    # 7 examples per epoch: crosses into epoch 1
+    with _iterator(opened["none"], worker_processes=True, num_workers=2, prefetch=2) as first:
+        got = [first.next() for _ in range(2)]
+        saved = json.loads(json.dumps(first.state))
+    with _iterator(opened["none"], state=saved, worker_processes=True, num_workers=1,
+                   prefetch=1) as resumed:
+        got += [resumed.next() for _ in range(4)]
+    for a, b in zip(expected, got):
+        _equal_batches(a, b)
