@@ -14,6 +14,7 @@ unmap per read: about a fifth of a worker's time at 1 degree).
 
 import collections
 import concurrent.futures
+import gc
 import itertools
 import mmap
 import multiprocessing
@@ -40,6 +41,7 @@ def _start(dataset: xr.Dataset, task_config: config.TaskConfig, cache_bytes: int
     jax.config.update("jax_platforms", "cpu")   # derived forcings must not claim accelerators
     _reader = windows.FrameReader(dataset, task_config, cache_bytes=cache_bytes,
                                   dask_scheduler="synchronous")
+    gc.freeze()   # what is loaded now lives as long as the worker: no collection walks it
 
 
 def _read(path: str, key: int, live: frozenset, layout: dict, slot: int,
