@@ -212,8 +212,9 @@ class Experiment(jl_experiment.AbstractExperiment):
             self._params, self._opt_state, self._place_batch(batch),
             np.full((jax.local_device_count(),), lr, np.float32))
         self._nonfinite.record(step, scalars.pop("update_skipped"), init_times)
+        rates = self._throughput.step_done(*self._train_input.last_wait)   # the iterator's timing
         return {**compat.device0(scalars), "learning_rate": np.float32(lr),
-                "ar_steps": np.int32(ar_steps), **self._throughput.step_done(*self._train_input.last_wait),
+                "ar_steps": np.int32(ar_steps), **rates,
                 "nonfinite_skipped": np.int32(self._counters["nonfinite_skipped"])}
 
     # -- evaluation ------------------------------------------------------------------------------

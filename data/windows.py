@@ -244,8 +244,8 @@ class FrameReader:
                 raise self._unreadable(name, list(range(first, last + 1)), result) from result
 
     def _check_block(self, name: str, first: int, block: np.ndarray) -> None:
-        """NaN/Inf check of frames `first`... of `name` (one sum, in a thread that releases the
-        GIL; frame by frame only when it is not finite, to name the time)."""
+        """NaN/Inf check of `block`, frames of `name` from time index `first` on: one sum (numpy
+        releases the GIL), then frame by frame only when it is not finite, to name the time."""
         if not np.isfinite(np.sum(block)):
             for j in range(len(block)):
                 validate.check_finite(block[j], variable=name, time=self.times[first + j])

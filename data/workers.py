@@ -32,7 +32,7 @@ from graphcast import config
 
 _reader: Optional[windows.FrameReader] = None   # this worker process's reader
 _mapped = {}   # this worker's mappings of batch files: key -> mmap
-_keys = itertools.count()             # batch file keys, unique in the parent
+_keys = itertools.count()   # batch file keys, unique in the parent
 
 
 def _start(dataset: xr.Dataset, task_config: config.TaskConfig, cache_bytes: int) -> None:
