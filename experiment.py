@@ -204,9 +204,7 @@ class Experiment(jl_experiment.AbstractExperiment):
         if ar_steps != self._train_input.num_steps:
             logging.info("Step %d: the rollout curriculum now uses %d steps.", step, ar_steps)
             self._train_input.set_num_steps(ar_steps)  # drops prefetched batches of the old length
-        began = time.perf_counter()
         batch = self._next_batch()
-        data_wait = time.perf_counter() - began
         self._data_state = self._train_input.state
         init_times = batch.pop("init_time")
         self._log_examples(step, init_times)
@@ -214,8 +212,9 @@ class Experiment(jl_experiment.AbstractExperiment):
             self._params, self._opt_state, self._place_batch(batch),
             np.full((jax.local_device_count(),), lr, np.float32))
         self._nonfinite.record(step, scalars.pop("update_skipped"), init_times)
+        rates = self._throughput.step_done(*self._train_input.last_wait)   # the iterator's timing
         return {**compat.device0(scalars), "learning_rate": np.float32(lr),
-                "ar_steps": np.int32(ar_steps), **self._throughput.step_done(data_wait),
+                "ar_steps": np.int32(ar_steps), **rates,
                 "nonfinite_skipped": np.int32(self._counters["nonfinite_skipped"])}
 
     # -- evaluation ------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ overlap (eval order, curriculum with long rollouts) read each frame once.
 
 import asyncio
 import collections
+import concurrent.futures
 import threading
 from typing import Mapping
 
@@ -230,9 +231,9 @@ class FrameReader:
         async def read(name, first, last, array, selection, block, target):
             await array.async_array.get_orthogonal_selection(
                 selection, out=zarr_cpu.NDBuffer.from_numpy_array(target))
-            if self._check and not np.isfinite(np.sum(block)):
-                for j, i in enumerate(range(first, last + 1)):
-                    validate.check_finite(block[j], variable=name, time=self.times[i])
+            if self._check:   # off the event loop, which meanwhile copies other decoded chunks
+                await asyncio.get_running_loop().run_in_executor(
+                    _CHECKS, self._check_block, name, first, block)
 
         async def read_all():
             return await asyncio.gather(*(read(*r) for r in reads), return_exceptions=True)
@@ -241,6 +242,16 @@ class FrameReader:
                 raise result
             if isinstance(result, BaseException):   # a chunk that does not decode: name it
                 raise self._unreadable(name, list(range(first, last + 1)), result) from result
+
+    def _check_block(self, name: str, first: int, block: np.ndarray) -> None:
+        """NaN/Inf check of `block`, frames of `name` from time index `first` on: one sum (numpy
+        releases the GIL), then frame by frame only when it is not finite, to name the time."""
+        if not np.isfinite(np.sum(block)):
+            for j in range(len(block)):
+                validate.check_finite(block[j], variable=name, time=self.times[first + j])
+
+
+_CHECKS = concurrent.futures.ThreadPoolExecutor(2, "nan-checks")   # threads start when needed
 
 
 def _direct_source(var: xr.Variable):

@@ -1,14 +1,17 @@
-"""training.data_input: the data-wait warning (once, naming the knobs) and its iterator hook."""
+"""training.data_input: the data-wait warning (once, naming the knobs) and its iterator hook, the
+one measurement the experiment's logged figures read too."""
 
 import dataclasses
 import time
 
+import numpy as np
 from absl import logging as absl_logging
 
 from configs import base
 from data import sample
 from graphcast import config
 from training import data_input
+from training import throughput
 
 TASK = dataclasses.replace(config.TASK_13, pressure_levels=(50, 500, 1000))
 
@@ -53,3 +56,27 @@ def test_train_iterator_feeds_the_monitor(tmp_path, monkeypatch):
             time.sleep(0.5)
             it.next()
         assert len(warnings) == 1, warnings
+
+
+def test_logged_figures_are_the_iterators_measurement(tmp_path):
+    """The experiment's examples/s and data-wait fraction come from the iterator's own timing
+    (one measurement, the one the warning reads), not from a second timer."""
+    path = str(tmp_path / "era5.zarr")
+    sample.generate(seed=0, resolution=30.0, start="2015-12-29", days=3).chunk(
+        {"time": 1}).to_zarr(path, zarr_format=2, consolidated=True)
+    cfg = _data_cfg(source=path, train_start="2015", train_end="2016", prefetch=0, workers=1)
+    source = data_input.Source(cfg, TASK, None)
+    rates = throughput.Throughput(examples_per_step=4)
+    with source.train_iterator(global_batch_size=1, num_steps=1, max_num_steps=1) as it:
+        it.next()
+        assert it.last_wait[1] is None
+        assert rates.step_done(*it.last_wait) == {"examples_per_sec": 0.0,
+                                                  "data_wait_fraction": 0.0}
+        time.sleep(0.3)
+        it.next()
+        wait, interval = it.last_wait
+        assert 0 < wait < interval and interval >= 0.3
+        assert list(it.monitor._steps) == [(wait, interval)]   # pylint: disable=protected-access
+        figures = rates.step_done(*it.last_wait)
+        assert np.isclose(figures["data_wait_fraction"], wait / interval)
+        assert np.isclose(figures["examples_per_sec"], 4 / interval)

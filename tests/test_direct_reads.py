@@ -105,6 +105,49 @@ def test_batch_file_is_reused_only_once_reads_are_done_and_views_gone():
     files.close()
 
 
+def test_batch_files_of_an_unused_size_make_way():
+    """After a rollout-length change, free files of the old size give way to the new size's
+    (else every new batch would be a fresh file)."""
+    files = workers.BatchFiles(keep=2)
+    old = [workers.SharedBatch({"inputs": {"x": (2, 3)}}, 4, files) for _ in range(2)]
+    for batch in old:
+        batch.release_when_done([])
+    del old, batch
+    gc.collect()
+    assert len(files.live()) == 2
+    new = workers.SharedBatch({"inputs": {"x": (5, 3)}}, 4, files)
+    key = new.file.key
+    new.release_when_done([])
+    del new
+    gc.collect()
+    assert key in files.live() and len(files.live()) == 2   # one old file closed
+    again = workers.SharedBatch({"inputs": {"x": (5, 3)}}, 4, files)
+    assert again.file.key == key
+    again.release_when_done([])
+    del again
+    files.close()
+    assert not files.live()
+
+
+def test_worker_keeps_its_mapping_of_a_live_batch_file():
+    """A worker maps a batch file once while the parent holds it (no page faults per read), and
+    lets go of the mappings of files the parent has closed."""
+    mapping, worker_maps = workers._mapping, workers._mapped   # pylint: disable=protected-access
+    files = workers.BatchFiles(keep=2)
+    first = workers.SharedBatch({"inputs": {"x": (2, 3)}}, 1, files)
+    mapped = mapping(first.path, first.file.key, first.live)
+    assert mapping(first.path, first.file.key, first.live) is mapped
+    np.ndarray((6,), np.float32, mapped)[:] = 3.0
+    np.testing.assert_array_equal(first.arrays["inputs"]["x"], 3.0)   # the same memory
+    second = workers.SharedBatch({"inputs": {"x": (2, 3)}}, 1, files)
+    mapping(second.path, second.file.key, frozenset([second.file.key]))
+    assert mapped.closed and first.file.key not in worker_maps
+    for batch in (first, second):
+        batch.release_when_done([])
+    worker_maps.pop(second.file.key).close()
+    files.close()
+
+
 def test_direct_reads_name_a_chunk_that_does_not_decode(tmp_path):
     path = _store(tmp_path, "cut.zarr")
     chunk = os.path.join(path, "2m_temperature", "4.0.0")   # time 4: 2015-12-30 00:00

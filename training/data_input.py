@@ -130,19 +130,23 @@ class DataWaitMonitor:
 
 class MonitoredTrainIterator(examples.TrainIterator):
     """TrainIterator that times how long each next() blocks against the time between batches,
-    feeding a DataWaitMonitor (the experiment needs no hook of its own)."""
+    feeding a DataWaitMonitor. This is the run's one measurement of the data wait: the
+    experiment logs `last_wait` rather than timing the call itself."""
 
     def __init__(self, *args, monitor: DataWaitMonitor, **kwargs):
         super().__init__(*args, **kwargs)
         self.monitor = monitor
         self._returned = None   # when the previous batch was handed out
+        self.last_wait = (0.0, None)   # (s next() blocked, s since the previous batch or None)
 
     def next(self, num_steps: Optional[int] = None) -> dict:
         began = time.perf_counter()
         batch = super().next(num_steps)
         now = time.perf_counter()
-        if self._returned is not None:
-            self.monitor.record(now - began, now - self._returned)
+        interval = None if self._returned is None else now - self._returned
+        self.last_wait = (now - began, interval)
+        if interval is not None:
+            self.monitor.record(now - began, interval)
         self._returned = now
         return batch
 

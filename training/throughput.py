@@ -1,27 +1,26 @@
 """Training throughput for the console and TensorBoard: examples per second (a moving average
-over steps) and the fraction of each step spent waiting for data."""
+over steps) and the fraction of each step spent waiting for data, both from the training
+iterator's own timing (training.data_input.MonitoredTrainIterator.last_wait), so the data wait
+is measured once, where the data-wait warning reads it too."""
 
-import time
+from typing import Optional
 
 import numpy as np
 
 
 class Throughput:
-    """Measures from the end of one step to the end of the next (the first step reports 0)."""
+    """Rates from the time between batches handed to the training loop (the first reports 0)."""
 
     def __init__(self, examples_per_step: int):
         self._examples = examples_per_step
-        self._last_end = None
         self._rate = None
 
-    def step_done(self, data_wait_s: float) -> dict:
-        """`examples_per_sec` and `data_wait_fraction` after a step that waited `data_wait_s`."""
-        now = time.perf_counter()
-        interval = now - self._last_end if self._last_end else None
-        self._last_end = now
-        if interval:
-            rate = self._examples / interval
+    def step_done(self, data_wait_s: float, interval_s: Optional[float]) -> dict:
+        """`examples_per_sec` and `data_wait_fraction` of a step whose batch took `data_wait_s`
+        to arrive, `interval_s` after the previous batch (None for the first)."""
+        if interval_s:
+            rate = self._examples / interval_s
             self._rate = rate if self._rate is None else 0.9 * self._rate + 0.1 * rate
         return {"examples_per_sec": np.float32(self._rate or 0.0),
-                "data_wait_fraction": np.float32(min(data_wait_s / interval, 1.0)
-                                                 if interval else 0.0)}
+                "data_wait_fraction": np.float32(min(data_wait_s / interval_s, 1.0)
+                                                 if interval_s else 0.0)}
