@@ -5,7 +5,10 @@ Three figures, measured side by side on the same store:
                  use: the storage's speed on one core;
   examples_mb_s  examples through the data layer (`open_source(use_dask=False)` + the frame
                  reader: level selection, latitude flip, NaN check, progress features), one at a
-                 time;
+                 time, each written into the same example-sized buffer, as training writes them
+                 into the slots of reused batch buffers (`FrameReader.read_into`);
+                 examples_fresh_mb_s is the same through `FrameReader.read`, which returns new
+                 arrays per example (their pages are faulted in afresh each time);
   pipeline_mb_s  the experiment's training input iterator, built as the experiment builds it
                  (`training.data_input.Source.train_iterator`: batches for the local devices,
                  `--workers` readers, processes unless `--threads`, prefetch 2; no frame cache, as in
@@ -115,15 +118,22 @@ def read_plain(url: str, opts, num: int, task=TASK_13) -> tuple:
 
 
 def read_examples(url: str, opts, num: int, subsample_grid: bool = False, task=TASK_13,
-                  resolution: float = 1.0) -> tuple:
-    """Seconds and bytes to read `num` examples one at a time through the data layer."""
+                  resolution: float = 1.0, fresh: bool = False) -> tuple:
+    """Seconds and bytes to read `num` examples one at a time through the data layer, into one
+    reused example buffer (as into batch slots in training), or as new arrays if `fresh`."""
     ds = sources.open_source(url, task_config=task, resolution=resolution, storage_options=opts,
                              subsample_grid=subsample_grid, use_dask=False)
     reader = windows.FrameReader(ds, task, cache_bytes=0)
     init_times = reader.times[task.num_input_frames - 1:][:num]
+    buffer = {part: {n: np.empty(shape, np.float32) for n, shape in shapes.items()}
+              for part, shapes in reader.layout(1).items()}
     start, nbytes = time.perf_counter(), 0
     for t in init_times:
-        example = reader.read(t, 1)
+        if fresh:
+            example = reader.read(t, 1)
+        else:
+            reader.read_into(t, 1, buffer)
+            example = buffer
         nbytes += sum(a.nbytes for part in example.values() for a in part.values())
     return time.perf_counter() - start, nbytes
 
@@ -173,6 +183,9 @@ def measure(url: str, opts, args, task, prefix: str = "") -> dict:
     ex = report(f"{where}, examples", *min(
         read_examples(url, opts, num, task=task, resolution=args.resolution)
         for _ in range(args.repeat)), num)
+    fresh = report(f"{where}, examples as new arrays", *min(
+        read_examples(url, opts, num, task=task, resolution=args.resolution, fresh=True)
+        for _ in range(args.repeat)), num)
     batches = args.batches or max(1, -(-num // args.batch))
     seconds, nbytes, example = read_pipeline(
         url, opts, task, args.resolution, workers=args.workers, processes=not args.threads,
@@ -181,6 +194,7 @@ def measure(url: str, opts, args, task, prefix: str = "") -> dict:
                   f"{'threads' if args.threads else 'processes'})", seconds, nbytes,
                   batches * args.batch)
     return {f"{prefix}raw_mb_s": round(raw, 1), f"{prefix}examples_mb_s": round(ex, 1),
+            f"{prefix}examples_fresh_mb_s": round(fresh, 1),
             f"{prefix}pipeline_mb_s": round(pipe, 1), f"{prefix}example_bytes": example,
             f"{prefix}examples_per_s": round(batches * args.batch / seconds, 3)}
 
