@@ -176,6 +176,7 @@ def test_memory_levers_leave_loss_and_gradients_unchanged(lever, bf16):
     jax.tree.map(np.testing.assert_array_equal, *results)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bf16", [False, True])
 def test_recompute_grid_leaves_loss_and_gradients_unchanged(bf16):
     """The grid path fused per row block (blocks of 64 grid nodes: 21 receivers per fan-in
