@@ -169,7 +169,6 @@ def test_gradients_match(ref):
                                        err_msg=key)
 
 
-@pytest.mark.slow
 def test_recompute_grid_keeps_reference_loss_and_gradients(ref):
     """The recompute_grid lever (grid path fused per block of rows; blocks that leave
     padding) stays within the reference's float32 tolerances, and bf16 within its bf16 one."""
