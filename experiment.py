@@ -95,6 +95,7 @@ class Experiment(jl_experiment.AbstractExperiment):
                 self.source.lon, bf16=training.bf16, remat_steps=training.remat_steps,
                 offload_windows=training.offload_windows, host_batch=training.host_batch,
                 remat_blocks=training.remat_blocks, block_size=training.block_size or None,
+                recompute_grid=training.recompute_grid,
                 graph_cache_dir=self.config.data.graph_cache_dir or None)
         return self._predictor
 

@@ -63,6 +63,9 @@ def main() -> None:
                    help="keep each step's saved input window in host memory (with step remat)")
     p.add_argument("--host-batch", action="store_true",
                    help="keep the batch in host memory; each step copies what it reads to the device")
+    p.add_argument("--recompute-grid", action="store_true",
+                   help="keep no grid-sized latent for the backward pass: the grid nodes' path "
+                   "is recomputed per row block (needs blocks remat and a block size)")
     p.add_argument("--block-size", type=int, default=16384,
                    help="process grid<->mesh edges and grid nodes in blocks of at most this many "
                    "rows (0: whole arrays)")
@@ -80,6 +83,9 @@ def main() -> None:
     args = p.parse_args()
     if args.offload_windows and "steps" not in args.remat:
         p.error("--offload-windows needs step remat (--remat steps or steps+blocks).")
+    if args.recompute_grid and not ("blocks" in args.remat and args.block_size):
+        p.error("--recompute-grid needs blocks remat (--remat blocks or steps+blocks) and "
+                "--block-size > 0.")
     if args.target != "cpu":
         args.compile_only = True
     try:
@@ -103,6 +109,7 @@ def main() -> None:
                                   host_batch=args.host_batch,
                                   block_size=args.block_size or None,
                                   split_first_layer=not args.plain,
+                                  recompute_grid=args.recompute_grid,
                                   graph_cache_dir=args.graph_cache_dir)
     graph_s = time.perf_counter() - t0
 

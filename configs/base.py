@@ -83,6 +83,8 @@ def get_base_config(task: gc_config.TaskConfig) -> config_dict.ConfigDict:
         host_batch=False,            # batch in host memory, each step's frames copied in when read
                                      # (needs update.data_parallel_update: pmap keeps it on device)
         remat_blocks=True,           # rematerialize processor rounds (in groups) and edge/node blocks
+        recompute_grid=False,        # with remat_blocks and block_size: no grid-sized latent kept
+                                     # for backprop (the grid path recomputed per row block)
         block_size=16384,            # >0: grid<->mesh edges and grid nodes in blocks of this many
         init_checkpoint="",          # official GraphCast .npz to fine-tune from (model/task checked)
         max_consecutive_nonfinite=10,  # stop after this many skipped (NaN/Inf) updates in a row

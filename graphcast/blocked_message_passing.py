@@ -10,20 +10,29 @@ nodes) of at most `block_size`, with the same edge-message function (`mlp.edge_m
   time, scatter-added into a running sum; the edges are embedded block by block too;
 * `fan_in_sums`: the same for edges sorted by receiver with a fixed fan-in k (GraphCast's
   mesh->grid edges, k = 3): a block of receivers with its k-times-larger block of edges, summed
-  over k, with no scatter and no running receiver-sized sum;
+  over k, with no scatter and no running receiver-sized sum; the receivers may be a
+  `RowFunction` and the sums followed by the receivers' own update, all in the same block;
 * `scan_rounds`: the message-passing rounds as a scan, rematerialized in groups of rounds.
 
 With `remat` (the `remat_blocks` option), the backward pass recomputes each block of rows, and
 each round, instead of keeping their activations.
 """
 
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from graphcast import mlp
+
+
+class RowFunction(NamedTuple):
+    """Node latents `fn(*inputs)` of a node-wise `fn`, left uncomputed: `fan_in_sums` computes
+    them block by block where it uses them (and, with remat, again in the backward pass), so they
+    never exist whole and are not kept for the backward pass. `inputs` are [N, ...] arrays."""
+    fn: Callable
+    inputs: tuple
 
 
 def block_layout(count: int, max_size: int) -> tuple:
@@ -106,40 +115,50 @@ def scatter_sums(embed: Mapping, update: Mapping, features: jax.Array, senders: 
 
 
 def fan_in_sums(embed: Mapping, update: Mapping, features: jax.Array, senders: jax.Array,
-                fan_in: int, senders_table: jax.Array, receivers_table: jax.Array, *,
-                block_size: int, remat: bool, sum_dtype) -> jax.Array:
+                fan_in: int, senders_table: jax.Array,
+                receivers_table: Union[jax.Array, RowFunction], *, block_size: int, remat: bool,
+                sum_dtype, then: Optional[Callable] = None) -> jax.Array:
     """`scatter_sums` for edges sorted by receiver, exactly `fan_in` (k) per receiver.
 
     A block of receivers and its k-times-larger block of edges are processed together and
     the sums are sums over k: no scatter, no running [Nr, B, L] sum, and the receivers'
     first-layer slice is applied one block at a time. Returns [Nr, B, L] in `sum_dtype`.
+
+    The receivers may be a `RowFunction`, computed per block; with `then`, each block returns
+    `then(receivers, sums)` (e.g. the receivers' node update) instead of the sums, so that
+    neither the receivers nor their sums exist whole: returns [Nr, ...] of `then`'s rows.
     """
-    latent, k = receivers_table.shape[-1], fan_in
+    if not isinstance(receivers_table, RowFunction):
+        receivers_table = RowFunction(lambda x: x, (receivers_table,))
+    latent, k = update["mlp"][0][0].shape[0] // 3, fan_in
     w = update["mlp"][0][0]
     sender_part = rows(lambda x: jnp.dot(x, w[latent:2 * latent]), senders_table,
                        block_size=block_size, remat=remat)                      # [Ns, B, L]
-    num_receivers = receivers_table.shape[0]
+    num_receivers = receivers_table.inputs[0].shape[0]
     num_blocks, size, pad = block_layout(num_receivers, max(1, block_size // k))
 
     def in_blocks(x, rows_per_receiver):
         x = jnp.pad(x, [(0, pad * rows_per_receiver)] + [(0, 0)] * (x.ndim - 1))
         return x.reshape((num_blocks, size * rows_per_receiver) + x.shape[1:])
 
-    xs = (in_blocks(features, k), in_blocks(senders, k), in_blocks(receivers_table, 1))
+    xs = (in_blocks(features, k), in_blocks(senders, k),
+          tuple(in_blocks(x, 1) for x in receivers_table.inputs))
 
     def sum_block(x):
-        features, senders, receivers = x                        # [k*b, 1, F], [k*b], [b, B, L]
+        features, senders, inputs = x                           # [k*b, 1, F], [k*b], ([b, ...])
+        receivers = receivers_table.fn(*inputs)                               # [b, B, L]
         latents = mlp.mlp_norm_apply(embed, features)                         # [k*b, 1, L]
         messages = mlp.edge_messages(update, jnp.dot(latents, w[:latent]),
                                      sender_part[senders],                    # [k*b, B, L]
                                      jnp.dot(receivers, w[2 * latent:]),      # [b, B, L]
                                      fan_in=k)                                # [b, k, B, L]
-        return jnp.sum(messages.astype(sum_dtype), axis=1)                    # [b, B, L]
+        sums = jnp.sum(messages.astype(sum_dtype), axis=1)                    # [b, B, L]
+        return sums if then is None else then(receivers, sums)
 
     if remat:
         sum_block = jax.checkpoint(sum_block)
-    sums = jax.lax.map(sum_block, xs)
-    return sums.reshape((num_blocks * size,) + sums.shape[2:])[:num_receivers]
+    out = jax.lax.map(sum_block, xs)
+    return out.reshape((num_blocks * size,) + out.shape[2:])[:num_receivers]
 
 
 def _group_size(num_rounds: int) -> int:

@@ -8,10 +8,12 @@ the top level of the transformed function, as the official parameter paths requi
 
 from typing import Optional
 
+import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from graphcast import blocked_message_passing as blocked
 from graphcast import config as config_lib
 from graphcast import graphs as graphs_lib
 from graphcast import typed_graph_net
@@ -31,13 +33,21 @@ class GraphCastNetwork:
       split_first_layer, remat_blocks, block_size: see `typed_graph_net.TypedGraphNet`
         (the block size applies to the encoder and decoder, the nets of one round: their
         grid<->mesh edges and node-wise MLPs).
+      recompute_grid: with remat_blocks and a block size, keep no grid-sized latent for the
+        backward pass. The grid nodes' path (the encoder's embedding and update, which feed
+        nothing but the decoder, then the decoder's messages, update and output MLP) runs as
+        one function per block of grid rows, recomputed in the backward pass from the grid
+        inputs; the encoder's mesh side is rematerialized as a whole, so its grid embedding
+        (the grid->mesh senders) is recomputed too. Same function, less accelerator memory.
     """
 
     def __init__(self, model_config: config_lib.ModelConfig, task_config: config_lib.TaskConfig,
                  graphs: graphs_lib.StaticGraphs, dtype=jnp.float32, split_first_layer: bool = True,
-                 remat_blocks: bool = False, block_size: Optional[int] = None):
+                 remat_blocks: bool = False, block_size: Optional[int] = None,
+                 recompute_grid: bool = False):
         self._graphs = graphs
         self._dtype = dtype
+        self._recompute_grid = recompute_grid
 
         def gnn(name, **kwargs):
             return typed_graph_net.TypedGraphNet(
@@ -84,16 +94,22 @@ class GraphCastNetwork:
             [jnp.zeros((g.num_mesh_nodes, 1, channels), self._dtype), mesh_static[:, None, :]],
             axis=-1)  # [Nm, 1, C + 3]
 
-        encoded = self._encoder(
-            {GRID: grid_nodes, MESH: mesh_nodes},
-            {"grid2mesh": self._edge_set(GRID, MESH, g.grid2mesh_senders, g.grid2mesh_receivers,
-                                         g.grid2mesh_edge_features)})
+        grid2mesh = {"grid2mesh": self._edge_set(GRID, MESH, g.grid2mesh_senders,
+                                                 g.grid2mesh_receivers, g.grid2mesh_edge_features)}
+        if self._recompute_grid:
+            encoded_mesh = hk.remat(lambda grid, mesh: self._encoder(
+                {GRID: grid, MESH: mesh}, grid2mesh)[MESH])(grid_nodes, mesh_nodes)
+            encoded_grid = blocked.RowFunction(self._encoder.node_function(
+                GRID, grid_nodes.shape[-1], self._dtype, grid2mesh), (grid_nodes,))
+        else:
+            encoded = self._encoder({GRID: grid_nodes, MESH: mesh_nodes}, grid2mesh)
+            encoded_mesh, encoded_grid = encoded[MESH], encoded[GRID]
         processed = self._processor(
-            {MESH: encoded[MESH]},
+            {MESH: encoded_mesh},
             {"mesh": self._edge_set(MESH, MESH, g.mesh_senders, g.mesh_receivers,
                                     g.mesh_edge_features)})
         decoded = self._decoder(
-            {GRID: encoded[GRID], MESH: processed[MESH]},
+            {GRID: encoded_grid, MESH: processed[MESH]},
             {"mesh2grid": self._edge_set(MESH, GRID, g.mesh2grid_senders, g.mesh2grid_receivers,
                                          g.mesh2grid_edge_features)})
         return decoded[GRID]

@@ -77,8 +77,9 @@ class Predictor:
         is copied to the device at the start and each step's targets and forcings when that
         step reads them, so the rollout's 12 target frames never occupy device memory at
         once. Same values; a batch that is already on the device is read as it is.
-      remat_blocks, block_size, split_first_layer: memory and speed options of the network,
-        none of which changes the function computed: see `model.GraphCastNetwork`.
+      remat_blocks, block_size, split_first_layer, recompute_grid: memory and speed options
+        of the network, none of which changes the function computed: see
+        `model.GraphCastNetwork`.
       graphs: prebuilt static graphs (built, or read from `graph_cache_dir`, if absent).
     """
 
@@ -90,6 +91,7 @@ class Predictor:
                  host_batch: bool = False,
                  block_size: Optional[int] = None,
                  split_first_layer: bool = True,
+                 recompute_grid: bool = False,
                  graphs: Optional[graphs_lib.StaticGraphs] = None,
                  graph_cache_dir: Optional[str] = None):
         self.model_config = model_config
@@ -107,6 +109,10 @@ class Predictor:
         self.host_batch = host_batch
         self.block_size = block_size
         self.split_first_layer = split_first_layer
+        if recompute_grid and not (remat_blocks and block_size):
+            raise ValueError("recompute_grid=True needs remat_blocks=True and a block_size: the "
+                             "grid's rows are recomputed block by block.")
+        self.recompute_grid = recompute_grid
         self.graphs = graphs if graphs is not None else graphs_lib.build_graphs(
             model_config, self.grid_lat, self.grid_lon, cache_dir=graph_cache_dir)
         self._variable_weights = task_config.variable_loss_weights()
@@ -165,7 +171,7 @@ class Predictor:
             self.model_config, self.task_config, self.graphs,
             dtype=jnp.bfloat16 if self.bf16 else jnp.float32,
             split_first_layer=self.split_first_layer, remat_blocks=self.remat_blocks,
-            block_size=self.block_size)
+            block_size=self.block_size, recompute_grid=self.recompute_grid)
 
     def _network_outputs(self, network: model.GraphCastNetwork, inputs: Arrays,
                          forcings: Arrays) -> dict:

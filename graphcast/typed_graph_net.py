@@ -25,7 +25,7 @@ Haiku paths match the official checkpoints: every MLP and LayerNorm is built ins
 """
 
 import dataclasses
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import haiku as hk
 import jax
@@ -48,6 +48,11 @@ class EdgeSet:
     # k when edge i goes to receiver i // k (sorted by receiver, exactly k each: GraphCast's
     # mesh->grid edges, k = 3); lets blocked sums be sums over k, without a scatter.
     fan_in: Optional[int] = None
+
+
+def _node_update(params, x: jax.Array, *incoming: jax.Array) -> jax.Array:
+    """`x + LN(MLP([x, sums of incoming edge sets...]))`: one node set's update in a round."""
+    return x + mlp.mlp_norm_apply(params, jnp.concatenate((x,) + incoming, -1))
 
 
 def fixed_fan_in(receivers: np.ndarray, num_receivers: int) -> Optional[int]:
@@ -122,9 +127,14 @@ class TypedGraphNet(hk.Module):
                                                   output_size=size)
         return networks
 
-    def __call__(self, nodes: Mapping[str, jax.Array], edges: Mapping[str, EdgeSet]) -> dict:
-        """Returns the updated node features `{node_set: [N, B, F]}`."""
+    def __call__(self, nodes: Mapping[str, Union[jax.Array, blocked.RowFunction]],
+                 edges: Mapping[str, EdgeSet]) -> dict:
+        """Returns the updated node features `{node_set: [N, B, F]}`.
+
+        A node set may be given as a `blocked.RowFunction` (see `_lazy_receivers`)."""
         networks = self._networks_builder()
+        if any(isinstance(x, blocked.RowFunction) for x in nodes.values()):
+            return self._lazy_receivers(networks, nodes, edges)
         nodes = dict(nodes)
         if self._embed_nodes:
             for v in self._node_sets:
@@ -150,6 +160,59 @@ class TypedGraphNet(hk.Module):
             params = networks[f"decoder_nodes_{v}"].params(nodes[v].shape[-1], nodes[v].dtype)
             nodes[v] = self._rows(lambda x, p=params: mlp.mlp_apply(p["mlp"], x), nodes[v])
         return nodes
+
+    def node_function(self, node_set: str, input_size: int, dtype,
+                      edges: Mapping[str, EdgeSet]) -> Callable:
+        """`node_set`'s output as a pure row function of its input features, `[b, B, input_size]
+        -> [b, B, L]`: its embedding, then its update in the one round. Only for a node set that
+        receives none of `edges` (its update is then node-wise), in a one-round net that embeds
+        nodes. The same parameters and operations as `__call__`, for a caller that computes the
+        rows block by block where it needs them (a `blocked.RowFunction`)."""
+        if (self._num_steps != 1 or not self._embed_nodes
+                or any(s.receiver_set == node_set for s in edges.values())):
+            raise ValueError(f"{self.module_name}: node_function({node_set!r}) needs a one-round "
+                             "net that embeds nodes and a node set that receives no edges.")
+        networks = self._networks_builder()
+        embed = networks[f"encoder_nodes_{node_set}"].params(input_size, dtype)
+        update = networks[f"processor_nodes_0_{node_set}"].params(self._latent_size, dtype)
+        return lambda x: _node_update(update, mlp.mlp_norm_apply(embed, x))
+
+    def _lazy_receivers(self, networks, nodes: Mapping, edges: Mapping[str, EdgeSet]) -> dict:
+        """The one round of a blocked net whose one edge set, with a fixed fan-in, goes to a
+        node set given as a `blocked.RowFunction` that this net decodes (GraphCast's decoder
+        fed with the encoder's grid function): per block of receivers, their latents, the
+        incoming message sums, their update and decoding run as one function (rematerialized
+        with `remat_blocks`), so no receiver-sized latent exists whole or is kept for the
+        backward pass. Other node sets (receiving no edges) are updated as in `__call__`."""
+        lazy = [v for v, x in nodes.items() if isinstance(x, blocked.RowFunction)]
+        name, edge_set = next(iter(edges.items())) if len(edges) == 1 else (None, None)
+        if (self._block_size is None or self._embed_nodes or len(lazy) != 1 or edge_set is None
+                or edge_set.receiver_set != lazy[0] or not edge_set.fan_in
+                or lazy[0] not in self._node_output_sizes):
+            raise ValueError(
+                f"{self.module_name}: a node set given as a RowFunction ({lazy}) needs a blocked "
+                "one-round net without node embedding, one edge set with a fixed fan-in going "
+                "to it, and it decoded.")
+        v = lazy[0]
+        senders_table = nodes[edge_set.sender_set]
+        dtype = senders_table.dtype
+        embed = networks[f"encoder_edges_{name}"].params(edge_set.features.shape[-1], dtype)
+        update = networks[f"processor_edges_0_{name}"].params(3 * self._latent_size, dtype)
+        node_params = self._round_params(networks, 0, edges, dtype)["nodes"]
+        decode = networks[f"decoder_nodes_{v}"].params(self._latent_size, dtype)
+
+        def update_and_decode(x, sums):
+            x = _node_update(node_params[v], x, sums.astype(x.dtype))
+            return mlp.mlp_apply(decode["mlp"], x)
+
+        outputs = {v: blocked.fan_in_sums(
+            embed, update, edge_set.features, edge_set.senders, edge_set.fan_in, senders_table,
+            nodes[v], block_size=self._block_size, remat=self._remat_blocks,
+            sum_dtype=jnp.float32 if self._f32_aggregation else dtype, then=update_and_decode)}
+        for u in self._node_sets:
+            if u != v:
+                outputs[u] = self._rows(lambda x, p=node_params[u]: _node_update(p, x), nodes[u])
+        return outputs
 
     # Message passing ---------------------------------------------------------------------
 
@@ -226,9 +289,7 @@ class TypedGraphNet(hk.Module):
         for v in self._node_sets:
             incoming = [sums[e] for e in sorted(edges) if edges[e].receiver_set == v]
             updated[v] = self._rows(
-                lambda x, *inc, p=params[v]: x + mlp.mlp_norm_apply(
-                    p, jnp.concatenate((x,) + inc, -1)),
-                nodes[v], *incoming)
+                lambda x, *inc, p=params[v]: _node_update(p, x, *inc), nodes[v], *incoming)
         return updated
 
     # Block by block (memory levers, in `blocked_message_passing`) --------------------------

@@ -176,6 +176,36 @@ def test_memory_levers_leave_loss_and_gradients_unchanged(lever, bf16):
     jax.tree.map(np.testing.assert_array_equal, *results)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("bf16", [False, True])
+def test_recompute_grid_leaves_loss_and_gradients_unchanged(bf16):
+    """The grid path fused per row block (blocks of 64 grid nodes: 21 receivers per fan-in
+    block, the last padded) computes the same loss; its gradients differ by the order of float
+    sums over other blocks (float32: 1e-5 of the largest, as the other blocked paths; bf16:
+    within bf16's rounding), and it creates the same parameters."""
+    plain, levered = _tiny_predictors(dict(remat_blocks=True, block_size=64), bf16=bf16,
+                                      recompute_grid=True)
+    batch = _random_batch(plain, 2)
+    params = jax.jit(plain.init)(jax.random.PRNGKey(0), batch)
+    jax.tree.map(np.testing.assert_array_equal,
+                 jax.jit(levered.init)(jax.random.PRNGKey(0), batch), params)
+    (loss, grads), (levered_loss, levered_grads) = [
+        jax.jit(jax.value_and_grad(lambda p, q=q: q.loss(p, batch)[0]))(params)
+        for q in (plain, levered)]
+    scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads))
+    rtol, atol = (1e-2, 2e-2 * scale) if bf16 else (1e-6, 1e-5 * scale)
+    np.testing.assert_allclose(float(levered_loss), float(loss), rtol=rtol)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=atol),
+                 levered_grads, grads)
+
+
+def test_recompute_grid_needs_blocks():
+    with pytest.raises(ValueError, match="recompute_grid=True needs remat_blocks=True"):
+        _tiny_predictors(recompute_grid=True)
+    with pytest.raises(ValueError, match="recompute_grid=True needs remat_blocks=True"):
+        _tiny_predictors(remat_blocks=True, recompute_grid=True)
+
+
 def test_offload_windows_needs_step_remat():
     with pytest.raises(ValueError, match="offload_windows=True needs remat_steps=True"):
         _tiny_predictors(remat_steps=False, offload_windows=True)

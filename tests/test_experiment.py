@@ -323,6 +323,15 @@ def test_configs_keep_the_pinned_keys():
     assert era5_1deg.get_config().experiment_kwargs.config.model.mesh_size == 5
     full = era5_0p25deg.get_config().experiment_kwargs.config
     assert full.model.mesh_size == 6 and len(full.task.pressure_levels) == 37
+    # The 0.25 deg memory levers (README, "Accelerator memory"); recompute_grid needs the others.
+    assert full.training.recompute_grid and full.training.remat_blocks and full.training.block_size
+
+
+def test_recompute_grid_reaches_the_predictor(sample_dir, tmp_path):
+    config = tiny_config(sample_dir, str(tmp_path / "run"), steps=1)
+    exp = config.experiment_kwargs.config
+    exp.training.update(dict(remat_blocks=True, block_size=64, recompute_grid=True))
+    assert experiment.Experiment("train", config=exp).predictor.recompute_grid
 
 
 def test_memory_settings_go_to_the_environment(monkeypatch):

@@ -169,6 +169,26 @@ def test_gradients_match(ref):
                                        err_msg=key)
 
 
+def test_recompute_grid_keeps_reference_loss_and_gradients(ref):
+    """The recompute_grid lever (grid path fused per block of rows; blocks that leave
+    padding) stays within the reference's float32 tolerances, and bf16 within its bf16 one."""
+    levers = dict(remat_blocks=True, block_size=1000, recompute_grid=True)
+    predictor = make_predictor(ref, **levers)
+    expected = ref["loss"]["f32_3step"]
+    loss, grads = jax.jit(jax.value_and_grad(lambda p: predictor.loss(p, ref["batch"])[0]))(
+        ref["params"])
+    np.testing.assert_allclose(float(loss), expected["loss"], rtol=1e-5)
+    flat = {f"{m}:{n}": np.asarray(g) for m, gs in grads.items() for n, g in gs.items()}
+    with np.load(fixture("grads_f32_3step.npz"), allow_pickle=False) as reference:
+        scale = max(np.abs(reference[k]).max() for k in reference.files)
+        for key in reference.files:
+            np.testing.assert_allclose(flat[key], reference[key], rtol=0, atol=1e-5 * scale,
+                                       err_msg=key)
+    bf16 = make_predictor(ref, bf16=True, **levers)
+    loss, _ = jax.jit(bf16.loss)(ref["params"], ref["batch"])
+    np.testing.assert_allclose(float(loss), ref["loss"]["bf16_3step"]["loss"], rtol=1e-2)
+
+
 def test_predict_cli_reproduces_reference(ref, tmp_path):
     steps = ref["targets"].sizes["time"]
     out = tmp_path / "predictions.nc"
