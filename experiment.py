@@ -75,7 +75,7 @@ class Experiment(jl_experiment.AbstractExperiment):
         self._predictor = None
         self._train_input = None
         self._updates = {}           # ar_steps -> pmapped update (one compile per rollout length)
-        self._host_batch_sharding = None   # where the batch goes with training.host_batch
+        self._batch_shardings = {}   # rollout steps -> where the batch goes (training.host_batch)
         self._predict_fn = None
 
     @property
@@ -165,22 +165,24 @@ class Experiment(jl_experiment.AbstractExperiment):
             logging.info("Compiling the training step for %d autoregressive step(s).", ar_steps)
             if self.predictor.host_batch:  # pmap cannot take a batch in host memory
                 self._updates[ar_steps] = gc_update.data_parallel_update(
-                    self.predictor, self._direction, _AXIS, jax.local_devices())
+                    self.predictor, self._direction, _AXIS, jax.local_devices(), ar_steps)
             else:
                 update = gc_update.update_fn(self.predictor, self._direction, axis_name=_AXIS)
                 self._updates[ar_steps] = jax.pmap(update, axis_name=_AXIS,
                                                    donate_argnums=(0, 1))
         return self._updates[ar_steps]
 
-    def _place_batch(self, batch: dict) -> dict:
-        """The host batch on the local devices, one slice each (in their host memory with
-        training.host_batch: each rollout step copies in only the frames it reads)."""
+    def _place_batch(self, batch: dict, ar_steps: int) -> dict:
+        """The host batch on the local devices, one slice each (with training.host_batch, for
+        multi-step rollouts, in their host memory: each rollout step copies in only the frames
+        it reads)."""
         if not self.predictor.host_batch:
             return compat.shard_local(batch)
-        if self._host_batch_sharding is None:
+        if ar_steps not in self._batch_shardings:
             mesh = Mesh(np.asarray(jax.local_devices()), (_AXIS,))
-            self._host_batch_sharding = gc_update.batch_sharding(self.predictor, mesh, _AXIS)
-        return jax.device_put(batch, self._host_batch_sharding)
+            self._batch_shardings[ar_steps] = gc_update.batch_sharding(
+                self.predictor, mesh, _AXIS, ar_steps)
+        return jax.device_put(batch, self._batch_shardings[ar_steps])
 
     def _next_batch(self) -> dict:
         """The next host batch of the train iterator (tests override it to inject faults)."""
@@ -210,7 +212,7 @@ class Experiment(jl_experiment.AbstractExperiment):
         init_times = batch.pop("init_time")
         self._log_examples(step, init_times)
         self._params, self._opt_state, scalars = self._update_fn(ar_steps)(
-            self._params, self._opt_state, self._place_batch(batch),
+            self._params, self._opt_state, self._place_batch(batch, ar_steps),
             np.full((jax.local_device_count(),), lr, np.float32))
         self._nonfinite.record(step, scalars.pop("update_skipped"), init_times)
         rates = self._throughput.step_done(*self._train_input.last_wait)   # the iterator's timing

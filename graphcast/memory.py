@@ -49,7 +49,7 @@ def abstract_step_args(predictor: rollout.Predictor, direction: optax.GradientTr
                        batch: int = 1, ar_steps: int = 1, device=None) -> tuple:
     """Abstract (params, opt_state, batch, lr) of the update, placed on `device` when given
     (an ahead-of-time target device: TPU or GPU topology, no hardware needed); the batch in
-    its host memory with the predictor's host_batch lever."""
+    its host memory when `update.batch_in_host_memory`."""
     abstract_batch = batch_shapes(predictor.task_config, batch, ar_steps,
                                   predictor.grid_lat.size, predictor.grid_lon.size)
     params = jax.eval_shape(predictor.init, jax.random.PRNGKey(0), abstract_batch)
@@ -59,7 +59,8 @@ def abstract_step_args(predictor: rollout.Predictor, direction: optax.GradientTr
         return args
     on_device = jax.sharding.SingleDeviceSharding(device)
     for_batch = jax.sharding.SingleDeviceSharding(
-        device, memory_kind="pinned_host" if predictor.host_batch else None)
+        device, memory_kind="pinned_host" if update.batch_in_host_memory(predictor, ar_steps)
+        else None)
 
     def place(tree, sharding):
         return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),

@@ -211,6 +211,20 @@ def test_offload_windows_needs_step_remat():
         _tiny_predictors(remat_steps=False, offload_windows=True)
 
 
+def test_host_batch_keeps_one_step_batches_on_the_device():
+    """With host_batch, multi-step rollouts take their batch in host memory; 1-step ones keep it
+    on the device (the frame copies cost XLA:TPU more than the batch), in the experiment's
+    placement and in what the benchmark and describe --memory compile alike."""
+    _, levered = _tiny_predictors(host_batch=True)
+    mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), ("d",))
+    assert update.batch_sharding(levered, mesh, "d", 1).memory_kind in (None, "device")
+    assert update.batch_sharding(levered, mesh, "d", 2).memory_kind == "pinned_host"
+    direction = update.make_direction()
+    for steps, kind in ((1, "device"), (3, "pinned_host")):
+        batch = memory.abstract_step_args(levered, direction, 1, steps, jax.devices()[0])[2]
+        assert {s.sharding.memory_kind for s in jax.tree.leaves(batch)} == {kind}, steps
+
+
 @pytest.mark.slow
 def test_data_parallel_update_takes_a_host_batch_and_matches_pmap():
     # Blocked rows: scans whose carries start as zeros (shard_map must not reject them).
@@ -224,8 +238,9 @@ def test_data_parallel_update_takes_a_host_batch_and_matches_pmap():
     expected = jax.pmap(update.update_fn(plain, direction, "d"), axis_name="d")(
         stacked(params), stacked(direction.init(params)), batch, lr)
     devices = jax.local_devices()
-    step = update.data_parallel_update(levered, direction, "d", devices)
-    sharding = update.batch_sharding(levered, jax.sharding.Mesh(np.asarray(devices), ("d",)), "d")
+    step = update.data_parallel_update(levered, direction, "d", devices, 2)
+    sharding = update.batch_sharding(levered, jax.sharding.Mesh(np.asarray(devices), ("d",)), "d",
+                                     2)
     assert sharding.memory_kind == "pinned_host"
     got = step(stacked(params), stacked(direction.init(params)),
                jax.device_put(batch, sharding), lr)

@@ -280,15 +280,20 @@ def test_two_processes_match_one_process(sample_dir, tmp_path):
 
 @pytest.mark.slow
 def test_host_batch_trains_like_a_device_batch(sample_dir, tmp_path):
-    """training.host_batch (batch in host memory, data-parallel jit instead of pmap) trains the
-    same parameters as the pmapped device batch, on two local devices."""
+    """training.host_batch (data-parallel jit instead of pmap; the batch of multi-step rollouts
+    in host memory) trains the same parameters as the pmapped device batch, on two local
+    devices, through a 1-step and a 2-step rollout."""
     steps, batch = 3, 2
     host_batch = "--config.experiment_kwargs.config.training.host_batch=True"
-    device = _run_cli(_cli_overrides(sample_dir, tmp_path / "device", steps, batch)
-                      + ["--cpu_devices=2"])
+    curriculum = ["--config.experiment_kwargs.config.optimizer.warmup_steps=1",  # step 0
+                  "--config.experiment_kwargs.config.optimizer.decay_steps=1",   # step 1
+                  "--cpu_devices=2"]                                               # step 2: 2 AR
+    device = _run_cli(_cli_overrides(sample_dir, tmp_path / "device", steps, batch) + curriculum)
     host = _run_cli(_cli_overrides(sample_dir, tmp_path / "host", steps, batch)
-                    + ["--cpu_devices=2", host_batch])
-    _wait([device, host])
+                    + curriculum + [host_batch])
+    outputs = _wait([device, host])
+    assert "Compiling the training step for 2 autoregressive step(s)" in outputs[1], \
+        outputs[1][-3000:]
     a, _ = saved_params(str(tmp_path / "device"))
     b, _ = saved_params(str(tmp_path / "host"))
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b)
