@@ -80,8 +80,9 @@ def get_base_config(task: gc_config.TaskConfig) -> config_dict.ConfigDict:
         bf16=False,                  # bfloat16 activations (params, aggregation, loss stay f32)
         remat_steps=True,            # rematerialize each autoregressive step in backprop
         offload_windows=False,       # with remat_steps: saved per-step input windows in host memory
-        host_batch=False,            # batch in host memory, each step's frames copied in when read
-                                     # (needs update.data_parallel_update: pmap keeps it on device)
+        host_batch=False,            # multi-step rollouts: batch in host memory, each step's frames
+                                     # copied in when read (trains through
+                                     # update.data_parallel_update: pmap keeps it on device)
         remat_blocks=True,           # rematerialize processor rounds (in groups) and edge/node blocks
         recompute_grid=False,        # with remat_blocks and block_size: no grid-sized latent kept
                                      # for backprop (the grid path recomputed per row block)

@@ -42,17 +42,16 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
                          prefetch=2, workers=16, worker_processes=True,
                          graph_cache_dir="runs/graph_cache"))
 
-    # training: memory is the constraint at this size. 12-step update per device with offloaded
-    # windows: H100 30.3 GiB (60.9 without); TPU v4 refused (30.98 GiB of its usable 30.75),
-    # 25.7 GiB with the batch in host memory too (README). With host_batch the experiment trains
-    # through graphcast.update.data_parallel_update over this host's devices (pmap cannot take a
-    # host-memory batch), so it is single-host only: set host_batch=False for multi-host runs.
-    # For 1-step updates it costs (TPU v4: 21.0 -> 23.2 GiB) but still fits. recompute_grid keeps
-    # no grid-sized latent for the backward pass: TPU v4, 1 step 21.0 -> 13.9 GiB (9% more
-    # executed FLOPs), 16.3 GiB with these host_batch and offload_windows; 12 steps with all
-    # these levers 25.7 -> 18.5 GiB.
+    # training: memory is the constraint at this size. Per device, full GraphCast, bf16 (README,
+    # "Accelerator memory"): recompute_grid keeps no grid-sized latent for the backward pass
+    # (TPU v4, 1 step: 21.0 -> 13.9 GiB, 9% more executed FLOPs); offload_windows keeps the
+    # rollout's saved windows in host memory (H100, 12 steps: 60.9 -> 30.3 GiB). With both, 12
+    # steps: H100 27.0 GiB; TPU v4 31.9 GiB, which XLA:TPU compiles (13.8 GiB of it is the padded
+    # batch) but which is above 30 GiB. host_batch (TPU v4, 12 steps: 18.5 GiB with all three)
+    # stays off because this config's run command is multi-node and the lever is single-host
+    # (the config check refuses it across processes); a single-host run may turn it on.
     exp.training.update(dict(bf16=True, remat_steps=True, remat_blocks=True, block_size=32768,
-                             offload_windows=True, host_batch=True, recompute_grid=True))
+                             offload_windows=True, host_batch=False, recompute_grid=True))
 
     # eval: 4 batches of 10-day rollouts, headline at 24 h; ACC against WeatherBench2's climatology
     exp.eval.update(dict(num_batches=4, batch_size=0, rollout_steps=40, figure_lead_step=4,
