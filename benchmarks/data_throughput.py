@@ -12,7 +12,9 @@ Three figures, measured side by side on the same store:
   pipeline_mb_s  the experiment's training input iterator, built as the experiment builds it
                  (`training.data_input.Source.train_iterator`: batches for the local devices,
                  `--workers` readers, processes unless `--threads`, prefetch 2; no frame cache, as in
-                 training, so stored frames decode straight into the batch).
+                 training, so stored frames decode straight into the batch);
+                 pipeline_cores is the CPU it used (seconds of the training process and its
+                 worker processes per second): the workers a host needs follow from it.
 An example is what a training step with 2 input frames and 1 target step needs; MB/s count the
 bytes of the float32 arrays each path returns (example_bytes per example for the last two).
 
@@ -33,6 +35,7 @@ figures are measured again through gcp-storage-emulator on loopback (keys prefix
 import argparse
 import contextlib
 import json
+import multiprocessing
 import os
 import socket
 import subprocess
@@ -138,11 +141,25 @@ def read_examples(url: str, opts, num: int, subsample_grid: bool = False, task=T
     return time.perf_counter() - start, nbytes
 
 
+def cpu_seconds() -> float:
+    """CPU seconds so far of this process and its live worker processes (Linux /proc)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = time.process_time()
+    for child in multiprocessing.active_children():
+        try:
+            with open(f"/proc/{child.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks   # utime + stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
 def read_pipeline(url: str, opts, task, resolution: float, *, workers: int, processes: bool,
                   batch: int, batches: int, repeat: int = 1) -> tuple:
-    """(seconds, bytes, example bytes) of `batches` batches (after one warm-up batch, which
-    starts the workers) from the experiment's training iterator over `url`; the fastest of
-    `repeat` such runs."""
+    """(seconds, bytes, cores, example bytes) of `batches` batches (after one warm-up batch,
+    which starts the workers) from the experiment's training iterator over `url`; the fastest
+    of `repeat` such runs. cores = CPU seconds of this process and its workers per second."""
     from configs import base  # pylint: disable=import-outside-toplevel
     from training import data_input  # pylint: disable=import-outside-toplevel
     data_cfg = base.get_base_config(task).experiment_kwargs.config.data
@@ -155,12 +172,13 @@ def read_pipeline(url: str, opts, task, resolution: float, *, workers: int, proc
         iterator.next()
         timings = []
         for _ in range(repeat):
-            start, nbytes = time.perf_counter(), 0
+            start, cpu, nbytes = time.perf_counter(), cpu_seconds(), 0
             for _ in range(batches):
                 out = iterator.next()
                 nbytes += sum(a.nbytes for part in ("inputs", "targets", "forcings")
                               for a in out[part].values())
-            timings.append((time.perf_counter() - start, nbytes))
+            seconds = time.perf_counter() - start
+            timings.append((seconds, nbytes, (cpu_seconds() - cpu) / seconds))
         example = windows.example_bytes(iterator.reader, 1)
     return min(timings) + (example,)
 
@@ -187,7 +205,7 @@ def measure(url: str, opts, args, task, prefix: str = "") -> dict:
         read_examples(url, opts, num, task=task, resolution=args.resolution, fresh=True)
         for _ in range(args.repeat)), num)
     batches = args.batches or max(1, -(-num // args.batch))
-    seconds, nbytes, example = read_pipeline(
+    seconds, nbytes, cores, example = read_pipeline(
         url, opts, task, args.resolution, workers=args.workers, processes=not args.threads,
         batch=args.batch, batches=batches, repeat=args.repeat)
     pipe = report(f"{where}, pipeline ({args.workers} "
@@ -195,6 +213,7 @@ def measure(url: str, opts, args, task, prefix: str = "") -> dict:
                   batches * args.batch)
     return {f"{prefix}raw_mb_s": round(raw, 1), f"{prefix}examples_mb_s": round(ex, 1),
             f"{prefix}examples_fresh_mb_s": round(fresh, 1),
+            f"{prefix}pipeline_cores": round(cores, 2),
             f"{prefix}pipeline_mb_s": round(pipe, 1), f"{prefix}example_bytes": example,
             f"{prefix}examples_per_s": round(batches * args.batch / seconds, 3)}
 
