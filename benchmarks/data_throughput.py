@@ -258,7 +258,8 @@ def main() -> None:
     result = {"resolution": args.resolution, "levels": args.levels, "workers": args.workers,
               "worker_processes": not args.threads, "cores": os.cpu_count()}
     if args.prepared:
-        path = prepared_copy(path, os.path.join(tmp.name, "prepared.zarr"), args)
+        path = prepared_copy(path, os.path.join(tmp.name, "prepared.zarr"), args.resolution,
+                             args.levels, args.prepared)
         result["prepared"] = args.prepared
     result.update(measure(path, None, args, task))
     if not args.no_emulator:
@@ -275,15 +276,15 @@ def main() -> None:
         print(json.dumps(result))
 
 
-def prepared_copy(source: str, out: str, args) -> str:
-    """`python -m data.prepare --compression args.prepared` of all of `source` into `out`."""
+def prepared_copy(source: str, out: str, resolution: float, levels: int,
+                  compression: str) -> str:
+    """`python -m data.prepare --compression COMPRESSION` of all of `source` into `out`."""
     from data import prepare  # pylint: disable=import-outside-toplevel
     times = xr.open_zarr(source)["time"].values
     t0 = time.perf_counter()
-    prepare.prepare(prepare.PrepareConfig(source, out, args.resolution, args.levels,
-                                          str(times[0]), str(times[-1]),
-                                          compression=args.prepared))
-    print(f"data.prepare copy (--compression {args.prepared}) in {time.perf_counter() - t0:.1f} s",
+    prepare.prepare(prepare.PrepareConfig(source, out, resolution, levels, str(times[0]),
+                                          str(times[-1]), compression=compression))
+    print(f"data.prepare copy (--compression {compression}) in {time.perf_counter() - t0:.1f} s",
           flush=True)
     return out
 

@@ -24,7 +24,6 @@ import tempfile
 import time
 
 import numpy as np
-import xarray as xr
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -87,14 +86,12 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP"))
     src = os.path.join(tmp.name, "source.zarr")
     source_store(src, args)
-    times = xr.open_zarr(src)["time"].values
     copies, result = {}, {"resolution": args.resolution, "levels": args.levels,
                           "data": args.data, "cores": os.cpu_count()}
     for compression in prepare.COMPRESSIONS:
-        copies[compression] = os.path.join(tmp.name, f"{compression}.zarr")
-        prepare.prepare(prepare.PrepareConfig(src, copies[compression], args.resolution,
-                                              args.levels, str(times[0]), str(times[-1]),
-                                              compression=compression))
+        copies[compression] = data_throughput.prepared_copy(
+            src, os.path.join(tmp.name, f"{compression}.zarr"), args.resolution, args.levels,
+            compression)
         result[compression] = {"store_bytes": disk_bytes(copies[compression])}
     for _ in range(args.repeat):
         for compression, path in copies.items():
