@@ -11,8 +11,9 @@ Three figures, measured side by side on the same store:
                  arrays per example (their pages are faulted in afresh each time);
   pipeline_mb_s  the experiment's training input iterator, built as the experiment builds it
                  (`training.data_input.Source.train_iterator`: batches for the local devices,
-                 `--workers` readers, processes unless `--threads`, prefetch 2; no frame cache, as in
-                 training, so stored frames decode straight into the batch);
+                 `--workers` readers, processes unless `--threads`, each pinned to one core
+                 unless `--no-pin`, prefetch 2; no frame cache, as in training, so stored frames
+                 decode straight into the batch);
                  pipeline_cores is the CPU it used (seconds of the training process and its
                  worker processes per second): the workers a host needs follow from it.
 An example is what a training step with 2 input frames and 1 target step needs; MB/s count the
@@ -156,14 +157,14 @@ def cpu_seconds() -> float:
 
 
 def read_pipeline(url: str, opts, task, resolution: float, *, workers: int, processes: bool,
-                  batch: int, batches: int, repeat: int = 1) -> tuple:
+                  pin: bool, batch: int, batches: int, repeat: int = 1) -> tuple:
     """(seconds, bytes, cores, example bytes) of `batches` batches (after one warm-up batch,
     which starts the workers) from the experiment's training iterator over `url`; the fastest
     of `repeat` such runs. cores = CPU seconds of this process and its workers per second."""
     from configs import base  # pylint: disable=import-outside-toplevel
     from training import data_input  # pylint: disable=import-outside-toplevel
     data_cfg = base.get_base_config(task).experiment_kwargs.config.data
-    data_cfg.update(dict(source=url, workers=workers, worker_processes=processes,
+    data_cfg.update(dict(source=url, workers=workers, worker_processes=processes, pin_workers=pin,
                          train_start="2000", train_end="2100", global_batch_size=batch,
                          storage_options=dict(opts or {})))
     source = data_input.Source(data_cfg, task, resolution)
@@ -207,7 +208,7 @@ def measure(url: str, opts, args, task, prefix: str = "") -> dict:
     batches = args.batches or max(1, -(-num // args.batch))
     seconds, nbytes, cores, example = read_pipeline(
         url, opts, task, args.resolution, workers=args.workers, processes=not args.threads,
-        batch=args.batch, batches=batches, repeat=args.repeat)
+        pin=not args.no_pin, batch=args.batch, batches=batches, repeat=args.repeat)
     pipe = report(f"{where}, pipeline ({args.workers} "
                   f"{'threads' if args.threads else 'processes'})", seconds, nbytes,
                   batches * args.batch)
@@ -230,6 +231,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2, help="pipeline readers (data.workers)")
     p.add_argument("--threads", action="store_true",
                    help="pipeline readers are threads (default: worker processes)")
+    p.add_argument("--no-pin", action="store_true",
+                   help="worker processes not pinned to a core each (data.pin_workers=False)")
     p.add_argument("--batch", type=int, default=2, help="pipeline global batch (1 host)")
     p.add_argument("--batches", type=int, default=None,
                    help="pipeline batches per timed run (default: one pass over the examples)")
@@ -256,7 +259,8 @@ def main() -> None:
         print(f"synthetic zarr: {args.resolution:g} deg, {args.levels} levels, {days:g} days in "
               f"{time.perf_counter() - t0:.1f} s", flush=True)
     result = {"resolution": args.resolution, "levels": args.levels, "workers": args.workers,
-              "worker_processes": not args.threads, "cores": os.cpu_count()}
+              "worker_processes": not args.threads,
+              "pinned_workers": not args.threads and not args.no_pin, "cores": os.cpu_count()}
     if args.prepared:
         path = prepared_copy(path, os.path.join(tmp.name, "prepared.zarr"), args.resolution,
                              args.levels, args.prepared)

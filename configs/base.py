@@ -61,6 +61,8 @@ def get_base_config(task: gc_config.TaskConfig) -> config_dict.ConfigDict:
         workers=4,                   # readers: threads, or processes with worker_processes
         worker_processes=False,      # read examples in `workers` processes (per-example work on
                                      # that many cores, not one GIL); same batches either way
+        pin_workers=True,            # each worker process on its own core, decoding in one thread
+                                     # (more bytes per core; workers = the cores data may use)
         wait_warn_fraction=0.1,      # warn once when training waits for data more than this
         wait_warn_steps=50,          # ... fraction of the time over this many steps
         generate_sample_dir="",      # if set and `source` is missing: python -m data.sample --out

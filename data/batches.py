@@ -14,17 +14,33 @@ import concurrent.futures
 from typing import Iterator, Optional
 
 import numpy as np
+import xarray as xr
 
 from data import windows
 from data import workers
+from graphcast import config
 
 
 class BatchStream:
-    """Shared batching: host slice of each global batch, device axes, background prefetch."""
+    """Shared batching: host slice of each global batch, device axes, background prefetch.
 
-    def __init__(self, dataset, task_config, *, num_steps, global_batch_size, process_index,
-                 process_count, local_device_count, prefetch, num_workers, prefetch_memory_bytes,
-                 cache_bytes, dask_scheduler, worker_processes=False):
+    global_batch_size: examples per global batch, split evenly over processes x devices.
+    process_index/process_count/local_device_count: default from jax.
+    prefetch: batches read ahead in background threads (0 = read synchronously);
+    num_workers: readers (threads, or processes with worker_processes); prefetch_memory_bytes
+    caps the bytes of prefetched batches.
+    worker_processes: read examples in num_workers spawned processes (data.workers) instead of
+    threads: the same batches, with the per-example work on as many cores; pin_workers: each
+    of them on one core, decoding in one thread (workers.ProcessReaders).
+    cache_bytes: LRU cache of frames, so overlapping windows are read once.
+    """
+
+    def __init__(self, dataset: xr.Dataset, task_config: config.TaskConfig, *, num_steps: int,
+                 global_batch_size: int, process_index: Optional[int] = None,
+                 process_count: Optional[int] = None, local_device_count: Optional[int] = None,
+                 prefetch: int = 2, num_workers: int = 4, prefetch_memory_bytes: int = 2 ** 30,
+                 cache_bytes: int = 256 * 2 ** 20, dask_scheduler: str = "threads",
+                 worker_processes: bool = False, pin_workers: bool = True):
         if process_index is None or process_count is None or local_device_count is None:
             import jax  # only for the defaults: tests and tools pass explicit values
             process_index = jax.process_index() if process_index is None else process_index
@@ -52,7 +68,7 @@ class BatchStream:
         self._prefetch = prefetch
         self._memory = prefetch_memory_bytes
         self._processes = (workers.ProcessReaders(dataset, task_config, num_workers=num_workers,
-                                                  cache_bytes=cache_bytes)
+                                                  cache_bytes=cache_bytes, pin=pin_workers)
                            if worker_processes else None)
         self._files = workers.BatchFiles(keep=prefetch + 2) if worker_processes else None
         self._pool = (concurrent.futures.ThreadPoolExecutor(num_workers, "examples")

@@ -15,29 +15,23 @@ class EvalIterator(batches.BatchStream):
 
     Same batch layout as TrainIterator; a final incomplete global batch is dropped
     (see num_batches). Defaults: eval split, global batch = all local devices of all processes.
+    stream_options: batching, prefetch and reader options of batches.BatchStream.
     """
 
     def __init__(self, dataset: xr.Dataset, task_config: config.TaskConfig, *,
                  num_steps: int = 1, split: Sequence = DEFAULT_SPLITS["eval"], every: int = 1,
-                 global_batch_size: Optional[int] = None, process_index: Optional[int] = None,
-                 process_count: Optional[int] = None, local_device_count: Optional[int] = None,
-                 prefetch: int = 2, num_workers: int = 4, prefetch_memory_bytes: int = 2 ** 30,
-                 cache_bytes: int = 256 * 2 ** 20, dask_scheduler: str = "threads",
-                 worker_processes: bool = False):
+                 global_batch_size: Optional[int] = None, **stream_options):
         if every < 1:
             raise ValueError(f"every={every} must be >= 1.")
         if global_batch_size is None:
             import jax
-            pc = jax.process_count() if process_count is None else process_count
-            global_batch_size = pc * (jax.local_device_count() if local_device_count is None
-                                      else local_device_count)
+            process_count = stream_options.get("process_count")
+            local_device_count = stream_options.get("local_device_count")
+            global_batch_size = (
+                (jax.process_count() if process_count is None else process_count)
+                * (jax.local_device_count() if local_device_count is None else local_device_count))
         super().__init__(dataset, task_config, num_steps=num_steps,
-                         global_batch_size=global_batch_size, process_index=process_index,
-                         process_count=process_count, local_device_count=local_device_count,
-                         prefetch=prefetch, num_workers=num_workers,
-                         prefetch_memory_bytes=prefetch_memory_bytes, cache_bytes=cache_bytes,
-                         dask_scheduler=dask_scheduler,
-                         worker_processes=worker_processes)
+                         global_batch_size=global_batch_size, **stream_options)
         self.split = tuple(split)
         self.init_times = valid_init_times(self.reader.times, split, task_config.num_input_frames,
                                            num_steps)[::every]

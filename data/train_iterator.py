@@ -24,15 +24,8 @@ class TrainIterator(batches.BatchStream):
     num_steps: rollout steps N of the next batches (changeable: set_num_steps / next(n)).
     max_num_steps: largest N that will be asked for; the valid initial times (hence the order)
         are those whose window with max_num_steps fits (default num_steps).
-    global_batch_size: examples per global batch, split evenly over processes x devices.
-    process_index/process_count/local_device_count: default from jax.
     state: a value from .state to continue from (default epoch 0, position 0).
-    prefetch: batches read ahead in background threads (0 = read synchronously);
-    num_workers: readers (threads, or processes with worker_processes); prefetch_memory_bytes
-    caps the bytes of prefetched batches.
-    worker_processes: read examples in num_workers spawned processes (data.workers) instead of
-    threads: the same batches, with the per-example work on as many cores.
-    cache_bytes: LRU cache of frames, so overlapping windows are read once.
+    stream_options: batching, prefetch and reader options of batches.BatchStream.
     Batches: {"inputs", "targets", "forcings": {var: float32 [D, per_device, T, ...]},
               "init_time": datetime64[s] [D, per_device]}.
     """
@@ -41,22 +34,13 @@ class TrainIterator(batches.BatchStream):
                  num_steps: int = 1, max_num_steps: Optional[int] = None,
                  split: Sequence = DEFAULT_SPLITS["train"], seed: int = 0,
                  global_batch_size: int = 32, state: Optional[Mapping] = None,
-                 process_index: Optional[int] = None, process_count: Optional[int] = None,
-                 local_device_count: Optional[int] = None, prefetch: int = 2,
-                 num_workers: int = 4, prefetch_memory_bytes: int = 2 ** 30,
-                 cache_bytes: int = 256 * 2 ** 20, dask_scheduler: str = "threads",
-                 worker_processes: bool = False):
+                 **stream_options):
         self.max_num_steps = num_steps if max_num_steps is None else max_num_steps
         if not 1 <= num_steps <= self.max_num_steps:
             raise ValueError(f"num_steps={num_steps} must be in [1, max_num_steps="
                              f"{self.max_num_steps}].")
         super().__init__(dataset, task_config, num_steps=num_steps,
-                         global_batch_size=global_batch_size, process_index=process_index,
-                         process_count=process_count, local_device_count=local_device_count,
-                         prefetch=prefetch, num_workers=num_workers,
-                         prefetch_memory_bytes=prefetch_memory_bytes, cache_bytes=cache_bytes,
-                         dask_scheduler=dask_scheduler,
-                         worker_processes=worker_processes)
+                         global_batch_size=global_batch_size, **stream_options)
         self.seed = seed
         self.split = tuple(split)
         self.init_times = valid_init_times(self.reader.times, split, task_config.num_input_frames,

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from data import sample, sources, windows, workers
+from data import examples, sample, sources, windows, workers
 from graphcast import config
 
 RUN = dataclasses.replace(config.TASK_13, pressure_levels=(500, 600, 700, 850))   # a run
@@ -159,3 +159,92 @@ def test_direct_reads_name_a_chunk_that_does_not_decode(tmp_path):
     with pytest.raises(sources.validate.CorruptDataError,
                        match=r"variable '2m_temperature' at time 2015-12-30T00:00"):
         reader.read(reader.times[3], 1)
+
+
+def _placement():
+    """(pid, cores of each of its threads, zarr's decode threads, checks in the event loop, page
+    faults of the last of five 64 MiB buffers filled and freed in a new thread) of the worker
+    process this runs in; sleeps so that two of them land in two workers."""
+    import resource   # pylint: disable=import-outside-toplevel
+    import threading  # pylint: disable=import-outside-toplevel
+    import time       # pylint: disable=import-outside-toplevel
+    import zarr       # pylint: disable=import-outside-toplevel
+    time.sleep(1.0)
+    threads = [frozenset(os.sched_getaffinity(int(t))) for t in os.listdir("/proc/self/task")]
+    np.core.multiarray._set_madvise_hugepage(False)   # pylint: disable=protected-access
+    faults = []
+
+    def churn():
+        for _ in range(5):
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            np.empty(64 * 2 ** 20, np.uint8).fill(1)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    thread = threading.Thread(target=churn)
+    thread.start()
+    thread.join()
+    return (os.getpid(), set(threads), zarr.config.get("threading.max_workers"),
+            windows._CHECKS is None, faults[-1])   # pylint: disable=protected-access
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux-only")
+def test_pinned_workers_each_run_on_one_core_in_one_thread(tmp_path):
+    """data.pin_workers: every thread of worker k runs on workers.worker_core(k) (two workers on
+    two cores where there are two), decoding with one zarr thread and checking in the event
+    loop; unpinned workers keep the parent's cores and threads. Either way a worker reuses
+    freed memory for big blocks (a 64 MiB buffer costs no page faults the fifth time; 16384
+    each time without) (~20 s: four spawned workers)."""
+    ds = sources.open_source(_store(tmp_path, "s.zarr"), task_config=RUN, use_dask=False)
+    allowed = frozenset(os.sched_getaffinity(0))
+    for pin in (True, False):
+        readers = workers.ProcessReaders(ds, RUN, num_workers=2, cache_bytes=0, pin=pin)
+        try:
+            placed = [f.result(timeout=120) for f in
+                      [readers._pool.submit(_placement) for _ in range(2)]]   # pylint: disable=protected-access
+        finally:
+            readers.shutdown()
+        assert len({pid for pid, *_ in placed}) == 2, placed
+        cores = [threads for _, threads, *_ in placed]
+        if pin:
+            assert sorted(cores, key=min) == sorted(
+                [{frozenset([workers.worker_core(k)])} for k in (0, 1)], key=min), cores
+            assert all(threads == 1 and inline for *_, threads, inline, _ in placed), placed
+            assert len(allowed) < 2 or cores[0] != cores[1]
+        else:
+            assert all(c == {allowed} for c in cores), cores
+            assert all(threads is None and not inline for *_, threads, inline, _ in placed), \
+                placed
+        assert all(faults < 100 for *_, faults in placed), placed
+
+
+@pytest.mark.slow
+def test_pinned_workers_name_nan_variable_and_time(tmp_path):
+    """A NaN met by a worker process checking in its event loop still stops the batch, naming
+    the variable and the time."""
+    path = _store(tmp_path, "bad.zarr", poison=("temperature", 5, np.nan))
+    ds = sources.open_source(path, task_config=RUN, use_dask=False)
+    with examples.EvalIterator(ds, RUN, num_steps=1, split=(None, None), global_batch_size=2,
+                               process_index=0, process_count=1, local_device_count=1,
+                               prefetch=1, num_workers=1, worker_processes=True,
+                               pin_workers=True) as iterator:
+        with pytest.raises(sources.validate.NaNDataError,
+                           match=r"NaN found in variable 'temperature' at time\(s\) "
+                                 r"2015-12-30 06:00:00"):
+            list(iterator)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux-only")
+def test_pinned_workers_of_processes_on_one_machine_take_different_cores(monkeypatch):
+    """Worker k of local rank r is worker number r x workers + k: counted from the last core the
+    process may use, so the processes of one machine (SLURM_LOCALID, else LOCAL_RANK) do not all
+    pile onto the same cores."""
+    cores = sorted(os.sched_getaffinity(0))
+    assert [workers.worker_core(k) for k in range(len(cores) + 1)] == \
+        cores[::-1] + [cores[-1]]
+    monkeypatch.delenv("SLURM_LOCALID", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert workers.local_rank() == 0
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert workers.local_rank() == 3
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    assert workers.local_rank() == 1

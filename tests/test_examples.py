@@ -182,7 +182,8 @@ def test_worker_processes_same_bytes_order_and_resume(stored):
     got = _batches(indexed, 6, worker_processes=True, num_workers=2, prefetch=2)
     for a, b in zip(expected, got):
         _equal(a, b)
-    with _train(indexed, process_index=1, worker_processes=True, num_workers=2) as first:
+    with _train(indexed, process_index=1, worker_processes=True, num_workers=2,
+                pin_workers=False) as first:   # unpinned workers, then pinned ones (default)
         for _ in range(3):
             first.next()
         saved = json.loads(json.dumps(first.state))

@@ -187,7 +187,7 @@ class Source:
         monitor = DataWaitMonitor(self.cfg, threshold=self.cfg.get("wait_warn_fraction", 0.1),
                                   window=self.cfg.get("wait_warn_steps", 50))
         options = dict(self._common(), worker_processes=self.cfg.get("worker_processes", False),
-                       cache_bytes=0)
+                       pin_workers=self.cfg.get("pin_workers", True), cache_bytes=0)
         return MonitoredTrainIterator(
             self.dataset, self.task, num_steps=num_steps, max_num_steps=max_num_steps,
             split=(self.cfg.train_start, self.cfg.train_end), seed=self.cfg.seed,
