@@ -19,7 +19,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import jax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
 from jaxline import experiment as jl_experiment
@@ -48,7 +48,8 @@ class Experiment(jl_experiment.AbstractExperiment):
     adds `inputs`, what the up-front checks opened (data, statistics, climatology, fine-tuning
     checkpoint), so nothing is opened twice. Without it the Experiment opens its own."""
 
-    # Replicated over local devices (one copy per device on the leading axis).
+    # Replicated: one copy per device on the leading axis (local devices; with
+    # training.host_batch, global arrays over every process's devices).
     CHECKPOINT_ATTRS = {"_params": "params", "_opt_state": "opt_state"}
     # Host values: data iterator position and failure counters.
     NON_BROADCAST_CHECKPOINT_ATTRS = {"_data_state": "data_state", "_counters": "counters"}
@@ -66,7 +67,7 @@ class Experiment(jl_experiment.AbstractExperiment):
         self.task_config = self._inputs.task_config
         self.optim_config = optim.OptimConfig.from_mapping(dict(config.optimizer))
         self._direction = optim.make_direction(self.optim_config)
-        self._params = None          # replicated [local_devices, ...] haiku params
+        self._params = None          # replicated [devices, ...] haiku params (_replicate)
         self._opt_state = None       # replicated optimizer state
         self._restored = None        # snapshot restored before the lazy initialization
         self._data_state = None
@@ -75,6 +76,7 @@ class Experiment(jl_experiment.AbstractExperiment):
         self._predictor = None
         self._train_input = None
         self._updates = {}           # ar_steps -> pmapped update (one compile per rollout length)
+        self._sharding = None        # training.host_batch: over every process's devices
         self._batch_shardings = {}   # rollout steps -> where the batch goes (training.host_batch)
         self._predict_fn = None
 
@@ -137,9 +139,24 @@ class Experiment(jl_experiment.AbstractExperiment):
             treedef = jax.tree.structure(opt_state)
             opt_state = jax.tree.unflatten(treedef, [np.asarray(opt_leaves[k])
                                                      for k in sorted(opt_leaves)])
-        self._params = compat.bcast_local_devices(params)
-        self._opt_state = compat.bcast_local_devices(opt_state)
+        self._params = self._replicate(params)
+        self._opt_state = self._replicate(opt_state)
         self._restored = None
+
+    def _global_sharding(self) -> NamedSharding:
+        """training.host_batch: one slice per device on the 1-D mesh of every process's devices
+        that the jitted update runs over (gradients averaged over all of them, as pmap does)."""
+        if self._sharding is None:
+            mesh = Mesh(np.asarray(compat.global_devices()), (_AXIS,))
+            self._sharding = NamedSharding(mesh, PartitionSpec(_AXIS))
+        return self._sharding
+
+    def _replicate(self, tree):
+        """One copy of `tree` per device: per local device for pmap; with training.host_batch
+        global arrays over every process's devices, which the jitted update takes and returns."""
+        if not self.predictor.host_batch:
+            return compat.bcast_local_devices(tree)
+        return compat.bcast_global_devices(tree, self._global_sharding())
 
     def _build_train_input(self):
         """Shuffled epochs of the train split from the saved position: host batches
@@ -160,12 +177,14 @@ class Experiment(jl_experiment.AbstractExperiment):
         return jax.jit(self.predictor.init)(self._init_rng, example), None
 
     def _update_fn(self, ar_steps: int):
-        """The pmapped loss+grad+AdamW update for one rollout length (compiled on first use)."""
+        """The pmapped loss+grad+AdamW update for one rollout length (compiled on first use);
+        with training.host_batch jitted over every process's devices instead (pmap cannot take
+        a batch in host memory)."""
         if ar_steps not in self._updates:
             logging.info("Compiling the training step for %d autoregressive step(s).", ar_steps)
-            if self.predictor.host_batch:  # pmap cannot take a batch in host memory
+            if self.predictor.host_batch:
                 self._updates[ar_steps] = gc_update.data_parallel_update(
-                    self.predictor, self._direction, _AXIS, jax.local_devices(), ar_steps)
+                    self.predictor, self._direction, _AXIS, compat.global_devices(), ar_steps)
             else:
                 update = gc_update.update_fn(self.predictor, self._direction, axis_name=_AXIS)
                 self._updates[ar_steps] = jax.pmap(update, axis_name=_AXIS,
@@ -173,16 +192,29 @@ class Experiment(jl_experiment.AbstractExperiment):
         return self._updates[ar_steps]
 
     def _place_batch(self, batch: dict, ar_steps: int) -> dict:
-        """The host batch on the local devices, one slice each (with training.host_batch, for
-        multi-step rollouts, in their host memory: each rollout step copies in only the frames
-        it reads)."""
+        """The host batch on the local devices, one slice each. With training.host_batch, this
+        process's slices of a global batch over every process's devices, for multi-step
+        rollouts in their host memory (each rollout step copies in only the frames it reads)."""
         if not self.predictor.host_batch:
             return compat.shard_local(batch)
-        if ar_steps not in self._batch_shardings:
-            mesh = Mesh(np.asarray(jax.local_devices()), (_AXIS,))
+        first = ar_steps not in self._batch_shardings
+        if first:
             self._batch_shardings[ar_steps] = gc_update.batch_sharding(
-                self.predictor, mesh, _AXIS, ar_steps)
-        return jax.device_put(batch, self._batch_shardings[ar_steps])
+                self.predictor, self._global_sharding().mesh, _AXIS, ar_steps)
+        placed = compat.shard_global(batch, self._batch_shardings[ar_steps])
+        if first:
+            sharding = jax.tree.leaves(placed)[0].sharding
+            logging.info("Batches of %d-step rollouts: in %s memory of %d devices over %d "
+                         "process(es).", ar_steps, sharding.memory_kind, jax.device_count(),
+                         jax.process_count())
+        return placed
+
+    def _place_lr(self, lr: float):
+        """The learning rate, one copy per device, laid out as the update takes it."""
+        local = np.full((jax.local_device_count(),), lr, np.float32)
+        if not self.predictor.host_batch:
+            return local
+        return compat.shard_global(local, self._global_sharding())
 
     def _next_batch(self) -> dict:
         """The next host batch of the train iterator (tests override it to inject faults)."""
@@ -213,7 +245,7 @@ class Experiment(jl_experiment.AbstractExperiment):
         self._log_examples(step, init_times)
         self._params, self._opt_state, scalars = self._update_fn(ar_steps)(
             self._params, self._opt_state, self._place_batch(batch, ar_steps),
-            np.full((jax.local_device_count(),), lr, np.float32))
+            self._place_lr(lr))
         self._nonfinite.record(step, scalars.pop("update_skipped"), init_times)
         rates = self._throughput.step_done(*self._train_input.last_wait)   # the iterator's timing
         return {**compat.device0(scalars), "learning_rate": np.float32(lr),

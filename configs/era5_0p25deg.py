@@ -46,12 +46,11 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
     # "Accelerator memory"): recompute_grid keeps no grid-sized latent for the backward pass
     # (TPU v4, 1 step: 21.0 -> 13.9 GiB, 9% more executed FLOPs); offload_windows keeps the
     # rollout's saved windows in host memory (H100, 12 steps: 60.9 -> 30.3 GiB). With both, 12
-    # steps: H100 27.0 GiB; TPU v4 31.9 GiB, which XLA:TPU compiles (13.8 GiB of it is the padded
-    # batch) but which is above 30 GiB. host_batch (TPU v4, 12 steps: 18.5 GiB with all three)
-    # stays off because this config's run command is multi-node and the lever is single-host
-    # (the config check refuses it across processes); a single-host run may turn it on.
+    # steps: H100 27.0 GiB; TPU v4 31.9 GiB (13.8 GiB of it the padded batch), above 30 GiB.
+    # host_batch keeps multi-step batches in host memory: TPU v4, 12 steps with all three
+    # 18.5 GiB. It trains over every process's devices, so this multi-node command runs it.
     exp.training.update(dict(bf16=True, remat_steps=True, remat_blocks=True, block_size=32768,
-                             offload_windows=True, host_batch=False, recompute_grid=True))
+                             offload_windows=True, host_batch=True, recompute_grid=True))
 
     # eval: 4 batches of 10-day rollouts, headline at 24 h; ACC against WeatherBench2's climatology
     exp.eval.update(dict(num_batches=4, batch_size=0, rollout_steps=40, figure_lead_step=4,

@@ -1,6 +1,7 @@
 """The one training update: loss, gradients, clipped AdamW direction, learning-rate step.
 
-`experiment.py` trains it (pmapped over local devices, gradients averaged over `axis_name`),
+`experiment.py` trains it (pmapped, or jitted over every process's devices by
+`data_parallel_update`; gradients averaged over `axis_name`),
 `benchmarks/train_step.py` times it and `python -m graphcast.describe --memory` sizes it, so
 what is measured is what is trained. It lives in graphcast/ because it needs only the predictor
 and optax: training/ adds the learning-rate schedule and jaxline around it, and the benchmark
@@ -85,7 +86,9 @@ def data_parallel_update(predictor, direction: optax.GradientTransformation, axi
 
     Same arguments and results as the pmapped update (a leading axis of one slice per device),
     but the batch is taken in host memory when `batch_in_host_memory` says so ("pinned_host":
-    put it there with `batch_sharding`), which pmap does not allow."""
+    put it there with `batch_sharding`), which pmap does not allow. `devices` may be every
+    process's devices: arguments are then global arrays [len(devices), ...] (each process
+    holding its devices' slices) and gradients are averaged over all of them."""
     mesh = Mesh(np.asarray(devices), (axis_name,))
     per_device = PartitionSpec(axis_name)
     inner = update_fn(predictor, direction, axis_name)

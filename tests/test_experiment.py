@@ -299,19 +299,40 @@ def test_host_batch_trains_like_a_device_batch(sample_dir, tmp_path):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b)
 
 
-def test_host_batch_is_refused_across_processes(sample_dir, tmp_path):
+@pytest.mark.slow
+def test_host_batch_across_processes_matches_one_process(sample_dir, tmp_path):
+    """training.host_batch over two processes with one device each: the jitted update runs on
+    the mesh of both processes' devices (gradients averaged over both), so it trains the same
+    parameters as one process with two devices, through a 1-step and a 2-step rollout, with the
+    2-step batches in host memory; the checkpoint both processes write resumes."""
     from conftest import free_port
-    port = free_port()
-    procs = [_run_cli(_cli_overrides(sample_dir, tmp_path / "multi", 1, 2)
-                      + ["--cpu_devices=1", f"--coordinator_address=127.0.0.1:{port}",
-                         f"--coordinator_bind_address=127.0.0.1:{port}", "--num_processes=2",
-                         f"--process_id={i}",
-                         "--config.experiment_kwargs.config.training.host_batch=True"])
-             for i in range(2)]
-    for p in procs:
-        out, _ = p.communicate(timeout=300)
-        assert p.returncode == 2, out[-3000:]
-        assert "training.host_batch=True is not supported with 2 processes" in out, out[-3000:]
+    batch = 2
+    flags = ["--config.experiment_kwargs.config.training.host_batch=True",
+             "--config.experiment_kwargs.config.optimizer.warmup_steps=1",  # step 0: 1 AR
+             "--config.experiment_kwargs.config.optimizer.decay_steps=1",   # step 1: 1 AR
+             "--config.experiment_kwargs.config.optimizer.ar_end=2"]        # steps 2, 3: 2 AR
+
+    def two_processes(steps):
+        port = free_port()
+        return [_run_cli(_cli_overrides(sample_dir, tmp_path / "multi", steps, batch) + flags
+                         + ["--cpu_devices=1", f"--coordinator_address=127.0.0.1:{port}",
+                            f"--coordinator_bind_address=127.0.0.1:{port}", "--num_processes=2",
+                            f"--process_id={i}"]) for i in range(2)]
+
+    single = _run_cli(_cli_overrides(sample_dir, tmp_path / "single", 4, batch) + flags
+                      + ["--cpu_devices=2"])
+    outputs = _wait([single] + two_processes(3))
+    for out in outputs[1:]:
+        assert "Compiling the training step for 2 autoregressive step(s)" in out, out[-3000:]
+        assert "Batches of 2-step rollouts: in pinned_host memory of 2 devices over 2 process(es)" \
+            in out, out[-3000:]
+    assert saved_params(str(tmp_path / "multi"))[1]["step"] == 3
+    for out in _wait(two_processes(4)):  # resumes at step 3
+        assert "Restored checkpoint latest step 3" in out, out[-3000:]
+    a, meta_a = saved_params(str(tmp_path / "single"))
+    b, meta_b = saved_params(str(tmp_path / "multi"))
+    assert meta_a["step"] == meta_b["step"] == 4
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-6), a, b)
 
 
 def test_configs_keep_the_pinned_keys():
@@ -330,6 +351,8 @@ def test_configs_keep_the_pinned_keys():
     assert full.model.mesh_size == 6 and len(full.task.pressure_levels) == 37
     # The 0.25 deg memory levers (README, "Accelerator memory"); recompute_grid needs the others.
     assert full.training.recompute_grid and full.training.remat_blocks and full.training.block_size
+    # 12 steps within 30 GiB on TPU v4 needs the host batch, on across processes too.
+    assert full.training.host_batch and full.training.offload_windows
 
 
 def test_recompute_grid_reaches_the_predictor(sample_dir, tmp_path):

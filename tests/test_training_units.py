@@ -56,6 +56,60 @@ def test_compat_works_on_four_devices_in_pmap():
     assert "(4,) 8.0" in out.stdout
 
 
+
+_GLOBAL_ARRAYS = textwrap.dedent("""
+    import sys
+    import jax, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    jax.config.update("jax_num_cpu_devices", 2)
+    address = sys.argv[1]
+    jax.distributed.initialize(coordinator_address=address, num_processes=2,
+                               process_id=int(sys.argv[2]), coordinator_bind_address=address,
+                               initialization_timeout=60)
+    from training import compat
+    mesh = Mesh(np.asarray(compat.global_devices()), ("d",))
+    on_device = NamedSharding(mesh, PartitionSpec("d"))
+    in_host = NamedSharding(mesh, PartitionSpec("d"), memory_kind="pinned_host")
+    p = jax.process_index()
+    local = np.arange(2, dtype=np.float32)[:, None] + 10 * p   # [local devices, 1]
+    batch = compat.shard_global({"x": local}, in_host)["x"]
+    values = compat.shard_global(local, on_device)
+    w = compat.bcast_global_devices(np.float32(1.0), on_device)
+    step = jax.jit(jax.shard_map(lambda w, v: w + jax.lax.pmean(v[:, 0], "d"), mesh=mesh,
+                                 in_specs=PartitionSpec("d"), out_specs=PartitionSpec("d")))
+    out = step(w, values)
+    print("RESULT", p, batch.shape, batch.sharding.memory_kind, batch.is_fully_addressable,
+          [d.process_index for d in mesh.devices], float(compat.first_local(batch)[0]),
+          out.shape, float(compat.first_local(out)), flush=True)
+""")
+
+
+def test_shard_global_rejects_wrong_leading_axis():
+    sharding = jax.sharding.NamedSharding(
+        jax.sharding.Mesh(np.asarray(compat.global_devices()), ("d",)),
+        jax.sharding.PartitionSpec("d"))
+    n = jax.local_device_count()
+    for leaf in (np.zeros((n + 1, 2)), np.float32(1.0)):
+        with pytest.raises(ValueError, match=f"leading axis of {n} local devices"):
+            compat.shard_global({"x": leaf}, sharding)
+
+
+def test_global_arrays_span_processes():
+    """Two processes x 2 CPU devices: each process's [local_devices, ...] slices become one
+    global array over the 4 devices (in host memory when asked), a jitted pmean over them sees
+    every process's values, and first_local reads only this process's shard."""
+    from conftest import free_port
+    address = f"127.0.0.1:{free_port()}"
+    procs = [subprocess.Popen([sys.executable, "-c", _GLOBAL_ARRAYS, address, str(i)], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    for i, (p, out) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, out[-3000:]
+        # mean of 0, 1, 10, 11 = 5.5, plus the broadcast 1.0
+        assert (f"RESULT {i} (4, 1) pinned_host False [0, 0, 1, 1] {10.0 * i} (4,) 6.5"
+                in out), out[-3000:]
+
 # -- optimizer --------------------------------------------------------------------------------
 
 def test_schedule_paper_defaults():

@@ -1,5 +1,6 @@
 """Makes jaxline 0.0.8 run on current JAX, without TensorFlow; moves values between the host
-and jaxline's per-device layout (a leading axis of local devices).
+and jaxline's per-device layout (a leading axis of local devices, or of every process's devices
+for the global arrays of `training.host_batch`).
 
 jaxline still calls APIs that JAX removed (`jax.device_put_sharded`, `jax.tree_map`), and its
 `platform` module imports TensorFlow. `apply()` patches the few broken entry points in place;
@@ -43,8 +44,35 @@ def bcast_local_devices(value: Any) -> Any:
     return jax.device_put(host, local_device_sharding())
 
 
+def global_devices() -> list:
+    """Every process's devices, each process's together (by process, then id): the order of a
+    global array's leading device axis, so each process's slice of it is contiguous."""
+    return sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+
+
+def shard_global(tree: Any, sharding: NamedSharding) -> Any:
+    """Each process's [local_devices, ...] host leaves as one global array [all devices, ...]
+    with `sharding` (over `global_devices()`, in its memory kind): every process passes its own
+    slices, as for `shard_local`; a single process gets `jax.device_put`."""
+    n = jax.local_device_count()
+    for leaf in jax.tree.leaves(tree):
+        if np.shape(leaf)[:1] != (n,):
+            raise ValueError(f"shard_global expects a leading axis of {n} local devices, got a "
+                             f"leaf of shape {np.shape(leaf)}.")
+    return jax.make_array_from_process_local_data(sharding, tree)
+
+
+def bcast_global_devices(value: Any, sharding: NamedSharding) -> Any:
+    """Copies every leaf onto each device of every process, as one global array [all devices,
+    ...] with `sharding` (the global counterpart of `bcast_local_devices`)."""
+    n = jax.local_device_count()
+    host = jax.tree.map(lambda v: np.broadcast_to(np.asarray(v), (n,) + np.shape(v)), value)
+    return shard_global(host, sharding)
+
+
 def _shard0(x: Any) -> Any:
-    """The first local device's value of a per-device array [devices, ...] (stays on device)."""
+    """The first local device's value of a per-device array [devices, ...] (stays on device;
+    never reads another process's shards of a global array)."""
     if isinstance(x, jax.Array):
         return x.addressable_data(0).reshape(x.shape[1:])  # works across processes too
     return np.asarray(x)[0]

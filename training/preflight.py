@@ -259,23 +259,12 @@ def check_inputs(config, inputs: inputs_lib.Inputs, ar_steps: int,
     inputs.source.example_batch()  # NaNDataError naming variable and time if the first chunk has one
 
 
-def check_host_batch(config) -> None:
-    """training.host_batch trains through a mesh of this process's devices, so gradients would be
-    averaged over one host only: it is refused when the run spans several processes."""
-    field = "experiment_kwargs.config.training.host_batch"
-    if config.experiment_kwargs.config.training.host_batch and jax.process_count() > 1:
-        raise ConfigError(f"Config field {field}=True is not supported with "
-                          f"{jax.process_count()} processes (it averages gradients over one "
-                          "host's devices): set it to False for multi-host training.")
-
-
 def check_config(config, mode: str = "train") -> None:
     """The checks that need no data: fields, credentials, value ranges, batch splits."""
     check_known_fields(config)
     check_no_credentials(config)
     check_sizes(config)
     check_batch(config, mode)
-    check_host_batch(config)
 
 
 def check_before_start(config, mode: str = "train",
