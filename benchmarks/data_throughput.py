@@ -160,7 +160,8 @@ def cpu_seconds() -> float:
 
 
 def read_pipeline(url: str, opts, task, resolution: float, *, workers: int, processes: bool,
-                  pin: bool, batch: int, batches: int, repeat: int = 1) -> tuple:
+                  pin: bool, batch: int, batches: int, repeat: int = 1,
+                  prefetch_memory_bytes: int = 2 ** 30) -> tuple:
     """(seconds, bytes, cores, example bytes) of `batches` batches (after one warm-up batch,
     which starts the workers) from the experiment's training iterator over `url`; the fastest
     of `repeat` such runs. cores = CPU seconds of this process and its workers per second."""
@@ -171,8 +172,8 @@ def read_pipeline(url: str, opts, task, resolution: float, *, workers: int, proc
                          train_start="2000", train_end="2100", global_batch_size=batch,
                          storage_options=dict(opts or {})))
     source = data_input.Source(data_cfg, task, resolution)
-    with source.train_iterator(global_batch_size=batch, num_steps=1,
-                               max_num_steps=1) as iterator:
+    with source.train_iterator(global_batch_size=batch, num_steps=1, max_num_steps=1,
+                               prefetch_memory_bytes=prefetch_memory_bytes) as iterator:
         iterator.next()
         timings = []
         for _ in range(repeat):
@@ -211,7 +212,8 @@ def measure(url: str, opts, args, task, prefix: str = "") -> dict:
     batches = args.batches or max(STEADY_BATCHES, -(-num // args.batch))
     seconds, nbytes, cores, example = read_pipeline(
         url, opts, task, args.resolution, workers=args.workers, processes=not args.threads,
-        pin=not args.no_pin, batch=args.batch, batches=batches, repeat=args.repeat)
+        pin=not args.no_pin, prefetch_memory_bytes=int(args.prefetch_memory_gb * 2 ** 30),
+        batch=args.batch, batches=batches, repeat=args.repeat)
     pipe = report(f"{where}, pipeline ({args.workers} "
                   f"{'threads' if args.threads else 'processes'})", seconds, nbytes,
                   batches * args.batch)
@@ -234,6 +236,10 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2, help="pipeline readers (data.workers)")
     p.add_argument("--threads", action="store_true",
                    help="pipeline readers are threads (default: worker processes)")
+    p.add_argument("--prefetch-memory-gb", type=float, default=1.0,
+                   help="cap on prefetched batches (GiB; the iterator's default 1). A 0.25-degree "
+                        "example is 2.7 GiB: raise it to 6 for two batches of 1 in flight, so "
+                        "that two workers read at once")
     p.add_argument("--no-pin", action="store_true",
                    help="worker processes not pinned to a core each (data.pin_workers=False)")
     p.add_argument("--batch", type=int, default=2, help="pipeline global batch (1 host)")
@@ -264,7 +270,8 @@ def main() -> None:
               f"{time.perf_counter() - t0:.1f} s", flush=True)
     result = {"resolution": args.resolution, "levels": args.levels, "workers": args.workers,
               "worker_processes": not args.threads,
-              "pinned_workers": not args.threads and not args.no_pin, "cores": os.cpu_count()}
+              "pinned_workers": not args.threads and not args.no_pin,
+              "prefetch_memory_gb": args.prefetch_memory_gb, "cores": os.cpu_count()}
     if args.prepared:
         path = prepared_copy(path, os.path.join(tmp.name, "prepared.zarr"), args.resolution,
                              args.levels, args.prepared)

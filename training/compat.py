@@ -28,13 +28,16 @@ def shard_local(tree: Any) -> Any:
 
     Replaces the removed `jax.device_put_sharded`: leaves are [local_devices, ...] host arrays.
     """
-    sharding = local_device_sharding()
+    _check_local_axis(tree, "shard_local")
+    return jax.device_put(tree, local_device_sharding())
+
+
+def _check_local_axis(tree: Any, caller: str) -> None:
     n = jax.local_device_count()
     for leaf in jax.tree.leaves(tree):
         if np.shape(leaf)[:1] != (n,):
-            raise ValueError(f"shard_local expects a leading axis of {n} local devices, got a leaf "
+            raise ValueError(f"{caller} expects a leading axis of {n} local devices, got a leaf "
                              f"of shape {np.shape(leaf)}.")
-    return jax.device_put(tree, sharding)
 
 
 def bcast_local_devices(value: Any) -> Any:
@@ -54,11 +57,7 @@ def shard_global(tree: Any, sharding: NamedSharding) -> Any:
     """Each process's [local_devices, ...] host leaves as one global array [all devices, ...]
     with `sharding` (over `global_devices()`, in its memory kind): every process passes its own
     slices, as for `shard_local`; a single process gets `jax.device_put`."""
-    n = jax.local_device_count()
-    for leaf in jax.tree.leaves(tree):
-        if np.shape(leaf)[:1] != (n,):
-            raise ValueError(f"shard_global expects a leading axis of {n} local devices, got a "
-                             f"leaf of shape {np.shape(leaf)}.")
+    _check_local_axis(tree, "shard_global")
     return jax.make_array_from_process_local_data(sharding, tree)
 
 
