@@ -161,7 +161,7 @@ def cpu_seconds() -> float:
 
 def read_pipeline(url: str, opts, task, resolution: float, *, workers: int, processes: bool,
                   pin: bool, batch: int, batches: int, repeat: int = 1,
-                  prefetch_memory_bytes: int = 2 ** 30) -> tuple:
+                  prefetch_memory_gb: float = 1.0) -> tuple:
     """(seconds, bytes, cores, example bytes) of `batches` batches (after one warm-up batch,
     which starts the workers) from the experiment's training iterator over `url`; the fastest
     of `repeat` such runs. cores = CPU seconds of this process and its workers per second."""
@@ -169,11 +169,12 @@ def read_pipeline(url: str, opts, task, resolution: float, *, workers: int, proc
     from training import data_input  # pylint: disable=import-outside-toplevel
     data_cfg = base.get_base_config(task).experiment_kwargs.config.data
     data_cfg.update(dict(source=url, workers=workers, worker_processes=processes, pin_workers=pin,
+                         prefetch_memory_gb=prefetch_memory_gb,
                          train_start="2000", train_end="2100", global_batch_size=batch,
                          storage_options=dict(opts or {})))
     source = data_input.Source(data_cfg, task, resolution)
-    with source.train_iterator(global_batch_size=batch, num_steps=1, max_num_steps=1,
-                               prefetch_memory_bytes=prefetch_memory_bytes) as iterator:
+    with source.train_iterator(global_batch_size=batch, num_steps=1,
+                               max_num_steps=1) as iterator:
         iterator.next()
         timings = []
         for _ in range(repeat):
@@ -212,7 +213,7 @@ def measure(url: str, opts, args, task, prefix: str = "") -> dict:
     batches = args.batches or max(STEADY_BATCHES, -(-num // args.batch))
     seconds, nbytes, cores, example = read_pipeline(
         url, opts, task, args.resolution, workers=args.workers, processes=not args.threads,
-        pin=not args.no_pin, prefetch_memory_bytes=int(args.prefetch_memory_gb * 2 ** 30),
+        pin=not args.no_pin, prefetch_memory_gb=args.prefetch_memory_gb,
         batch=args.batch, batches=batches, repeat=args.repeat)
     pipe = report(f"{where}, pipeline ({args.workers} "
                   f"{'threads' if args.threads else 'processes'})", seconds, nbytes,
@@ -237,7 +238,7 @@ def main() -> None:
     p.add_argument("--threads", action="store_true",
                    help="pipeline readers are threads (default: worker processes)")
     p.add_argument("--prefetch-memory-gb", type=float, default=1.0,
-                   help="cap on prefetched batches (GiB; the iterator's default 1). A 0.25-degree "
+                   help="data.prefetch_memory_gb: cap on prefetched batches (GiB). A 0.25-degree "
                         "example is 2.7 GiB: raise it to 6 for two batches of 1 in flight, so "
                         "that two workers read at once")
     p.add_argument("--no-pin", action="store_true",

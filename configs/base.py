@@ -58,6 +58,7 @@ def get_base_config(task: gc_config.TaskConfig) -> config_dict.ConfigDict:
         eval_start="2016-01-01", eval_end="2017-12-31",
         seed=0,                      # shuffling seed (epoch order is a function of seed, epoch)
         prefetch=2,                  # batches prepared ahead of the step
+        prefetch_memory_gb=1.0,      # ... as long as they fit in this many GiB (one always does)
         workers=4,                   # readers: threads, or processes with worker_processes
         worker_processes=False,      # read examples in `workers` processes (per-example work on
                                      # that many cores, not one GIL); same batches either way

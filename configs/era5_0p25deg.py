@@ -35,11 +35,13 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
     exp.model.update(dict(resolution=0.25, mesh_size=6, latent_size=512, gnn_msg_steps=16,
                           hidden_layers=1, radius_query_fraction_edge_length=0.6))
 
-    # data: public ARCO-ERA5 0.25-degree, 37 levels; DeepMind's statistics
+    # data: public ARCO-ERA5 0.25-degree, 37 levels; DeepMind's statistics. A host's batch is 8
+    # examples, 23 GB: prefetch_memory_gb=48 keeps two in flight so that all 16 workers read
+    # (README, "Per-host input budget": each worker also keeps a 4.4 GB heap).
     exp.data.update(dict(source=ARCO_ERA5_0P25, stats_dir=DM_STATS, global_batch_size=32,
                          train_start="1979-01-01", train_end="2017-12-31",
                          eval_start="2018-01-01", eval_end="2018-12-31",
-                         prefetch=2, workers=16, worker_processes=True,
+                         prefetch=2, prefetch_memory_gb=48, workers=16, worker_processes=True,
                          graph_cache_dir="runs/graph_cache"))
 
     # training: memory is the constraint at this size. Per device, full GraphCast, bf16 (README,

@@ -30,7 +30,7 @@ def test_monitor_warns_once_after_a_window_above_threshold():
     assert messages[:2] == [None, None]      # the window's mean: 7.5%, 8.75%, then 11.25%
     warning = messages[2]
     for knob in ("data.workers (now 3)", "data.worker_processes", "data.prefetch (now 2)",
-                 "python -m data.prepare"):
+                 "data.prefetch_memory_gb (now 1.0)", "python -m data.prepare"):
         assert knob in warning
     assert all(monitor.record(0.9, 1.0) is None for _ in range(10))   # said once
 
@@ -56,6 +56,24 @@ def test_train_iterator_feeds_the_monitor(tmp_path, monkeypatch):
             time.sleep(1.0)
             it.next()
         assert len(warnings) == 1, warnings
+
+
+def test_prefetch_memory_caps_the_batches_in_flight(tmp_path):
+    """data.prefetch_memory_gb bounds the bytes of the batches read ahead (data.prefetch of
+    them at most, one at least): a 0.25-degree host batch is 23 GB, so the cap decides how many
+    workers read at once."""
+    path = str(tmp_path / "era5.zarr")
+    sample.generate(seed=0, resolution=30.0, start="2015-12-29", days=3).chunk(
+        {"time": 1}).to_zarr(path, zarr_format=2, consolidated=True)
+    depths = []
+    for gib in (1e-6, 1.0):
+        cfg = _data_cfg(source=path, train_start="2015", train_end="2016", prefetch=2, workers=2,
+                        prefetch_memory_gb=gib)
+        with data_input.Source(cfg, TASK, None).train_iterator(
+                global_batch_size=2, num_steps=1, max_num_steps=1) as it:
+            it.next()
+            depths.append(it._depth())   # pylint: disable=protected-access
+    assert depths == [1, 2]
 
 
 def test_logged_figures_are_the_iterators_measurement(tmp_path):

@@ -121,7 +121,8 @@ class DataWaitMonitor:
             f"the time over the last {self.window} steps (more than {100 * self.threshold:.0f}%). "
             f"Knobs: data.workers (now {cfg.workers}) with data.worker_processes=True (now "
             f"{cfg.get('worker_processes', False)}) to read on more cores, data.prefetch (now "
-            f"{cfg.prefetch}) to read further ahead, or a prepared copy of the data (python -m "
+            f"{cfg.prefetch}) and data.prefetch_memory_gb (now "
+            f"{cfg.get('prefetch_memory_gb', 1.0)}) to read further ahead, or a prepared copy of the data (python -m "
             "data.prepare: the task's levels and grid only, one time step per chunk) to move "
             "fewer bytes.")
         logging.warning("%s", message)
@@ -173,7 +174,8 @@ class Source:
             logging.warning(slow_grid_advice(data_cfg, task_config, resolution, self.stride))
 
     def _common(self) -> dict:
-        return dict(prefetch=self.cfg.prefetch, num_workers=self.cfg.workers)
+        return dict(prefetch=self.cfg.prefetch, num_workers=self.cfg.workers,
+                    prefetch_memory_bytes=int(self.cfg.get("prefetch_memory_gb", 1.0) * 2 ** 30))
 
     def train_iterator(self, *, global_batch_size: int, num_steps: int, max_num_steps: int,
                        state: Optional[Mapping] = None, **overrides) -> examples.TrainIterator:
