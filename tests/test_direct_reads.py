@@ -198,9 +198,9 @@ def test_pinned_workers_each_run_on_one_core_in_one_thread(tmp_path):
     allowed = frozenset(os.sched_getaffinity(0))
     for pin in (True, False):
         readers = workers.ProcessReaders(ds, RUN, num_workers=2, cache_bytes=0, pin=pin)
+        pool = readers._pool   # pylint: disable=protected-access
         try:
-            placed = [f.result(timeout=120) for f in
-                      [readers._pool.submit(_placement) for _ in range(2)]]   # pylint: disable=protected-access
+            placed = [f.result(timeout=120) for f in [pool.submit(_placement) for _ in range(2)]]
         finally:
             readers.shutdown()
         assert len({pid for pid, *_ in placed}) == 2, placed

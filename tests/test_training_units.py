@@ -56,7 +56,6 @@ def test_compat_works_on_four_devices_in_pmap():
     assert "(4,) 8.0" in out.stdout
 
 
-
 _GLOBAL_ARRAYS = textwrap.dedent("""
     import sys
     import jax, numpy as np

@@ -56,7 +56,7 @@ def global_devices() -> list:
 def shard_global(tree: Any, sharding: NamedSharding) -> Any:
     """Each process's [local_devices, ...] host leaves as one global array [all devices, ...]
     with `sharding` (over `global_devices()`, in its memory kind): every process passes its own
-    slices, as for `shard_local`; a single process gets `jax.device_put`."""
+    slices, as for `shard_local`."""
     _check_local_axis(tree, "shard_global")
     return jax.make_array_from_process_local_data(sharding, tree)
 

@@ -122,9 +122,9 @@ class DataWaitMonitor:
             f"Knobs: data.workers (now {cfg.workers}) with data.worker_processes=True (now "
             f"{cfg.get('worker_processes', False)}) to read on more cores, data.prefetch (now "
             f"{cfg.prefetch}) and data.prefetch_memory_gb (now "
-            f"{cfg.get('prefetch_memory_gb', 1.0)}) to read further ahead, or a prepared copy of the data (python -m "
-            "data.prepare: the task's levels and grid only, one time step per chunk) to move "
-            "fewer bytes.")
+            f"{cfg.get('prefetch_memory_gb', 1.0)}) to read further ahead, or a prepared copy "
+            "of the data (python -m data.prepare: the task's levels and grid only, one time step "
+            "per chunk) to move fewer bytes.")
         logging.warning("%s", message)
         return message
 
